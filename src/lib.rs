@@ -1,0 +1,8 @@
+//! ocserv-agent: a supervised tree of ractor actors that sits beside an ocserv and makes it
+//! remotely manageable. See `README.md` for operation and `DESIGN.md` for the architecture.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod ocserv;
+pub mod proto;
+pub mod validate;
