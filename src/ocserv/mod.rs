@@ -262,6 +262,18 @@ pub trait OcservBackend: Send + Sync {
         &self,
         id: u32,
     ) -> impl std::future::Future<Output = CtlResult<DisconnectOutcome>> + Send;
+    /// Disconnects every session of the user and revokes its cookies where ocserv can
+    /// (TERMINATE_USER, ocserv >= 1.4.2); falls back to DISCONNECT_NAME when the server closes
+    /// without a reply (older ocserv).
+    fn terminate_user(
+        &self,
+        username: &str,
+    ) -> impl std::future::Future<Output = CtlResult<DisconnectOutcome>> + Send;
+    /// As [`Self::terminate_user`] for one session ID (TERMINATE_ID, else DISCONNECT_ID).
+    fn terminate_id(
+        &self,
+        id: u32,
+    ) -> impl std::future::Future<Output = CtlResult<DisconnectOutcome>> + Send;
     fn list_banned(&self) -> impl std::future::Future<Output = CtlResult<Vec<Ban>>> + Send;
     fn unban_ip(
         &self,
@@ -305,6 +317,12 @@ impl OcservBackend for Backend {
     }
     async fn disconnect_id(&self, id: u32) -> CtlResult<DisconnectOutcome> {
         delegate!(self, b => b.disconnect_id(id))
+    }
+    async fn terminate_user(&self, username: &str) -> CtlResult<DisconnectOutcome> {
+        delegate!(self, b => b.terminate_user(username))
+    }
+    async fn terminate_id(&self, id: u32) -> CtlResult<DisconnectOutcome> {
+        delegate!(self, b => b.terminate_id(id))
     }
     async fn list_banned(&self) -> CtlResult<Vec<Ban>> {
         delegate!(self, b => b.list_banned())

@@ -22,6 +22,8 @@ impl OcservBackend for OcctlBackend {
     async fn id_info(&self, _id: u32) -> CtlResult<Option<Session>> { todo!() }
     async fn disconnect_name(&self, _username: &str) -> CtlResult<DisconnectOutcome> { todo!() }
     async fn disconnect_id(&self, _id: u32) -> CtlResult<DisconnectOutcome> { todo!() }
+    async fn terminate_user(&self, _username: &str) -> CtlResult<DisconnectOutcome> { todo!() }
+    async fn terminate_id(&self, _id: u32) -> CtlResult<DisconnectOutcome> { todo!() }
     async fn list_banned(&self) -> CtlResult<Vec<Ban>> { todo!() }
     async fn unban_ip(&self, _ip: IpAddr) -> CtlResult<DisconnectOutcome> { todo!() }
     async fn reload(&self) -> CtlResult<()> { todo!() }
