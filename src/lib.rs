@@ -6,4 +6,5 @@ pub mod backoff;
 pub mod metrics;
 pub mod ocserv;
 pub mod proto;
+pub mod registry;
 pub mod validate;
