@@ -16,8 +16,6 @@ if ((${#missing[@]})); then
   echo "install-deps: installing ${missing[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # Debian's ocserv package would start a system ocserv; nothing here needs it, so keep
-  # policy-rc.d from starting services during this install.
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
