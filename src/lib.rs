@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
+pub mod config;
 pub mod metrics;
 pub mod ocserv;
 pub mod proto;
