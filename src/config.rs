@@ -566,7 +566,10 @@ impl EnvOverrides {
             if !has_env_prefix(var) {
                 continue;
             }
-            let rest = var[prefix_len..].to_lowercase();
+            // Slice the lowercased name: it starts with the ASCII prefix, so the index is a char
+            // boundary there even if lowercasing changed the length of other characters.
+            let lower = var.to_lowercase();
+            let rest = &lower[prefix_len..];
             let parts: Vec<&str> = rest.split(ENV_SEPARATOR).collect();
             let [section, key] = parts[..] else {
                 return Err(ConfigError::new(
@@ -628,7 +631,7 @@ impl Namer<'_> {
         }
     }
 
-    fn from_env(&self, section: &str, key: &str) -> bool {
+    fn overridden(&self, section: &str, key: &str) -> bool {
         self.overrides
             .by_key
             .contains_key(&format!("{section}.{key}"))
@@ -689,7 +692,7 @@ fn check_tree(tree: &Map<String, Value>, names: &Namer<'_>) -> Result<(), Config
             let v = &table[key];
             // Environment values are strings whatever the key's type; their syntax is checked
             // by deserialization below.
-            let from_env = names.from_env(section, key) || v.origin() == Some(ENV_ORIGIN);
+            let from_env = names.overridden(section, key) || v.origin() == Some(ENV_ORIGIN);
             let type_ok = match (&v.kind, spec.toml) {
                 (ValueKind::String(_), _) if from_env => true,
                 (ValueKind::String(_), Toml::String) => true,
