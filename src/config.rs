@@ -277,6 +277,98 @@ impl Loaded {
         };
         format!("configuration from {}; {defaults}", self.source)
     }
+
+    /// One `key = value` line per key that took its embedded default, for the startup log.
+    pub fn describe_defaults(&self) -> Vec<String> {
+        self.config
+            .entries()
+            .into_iter()
+            .filter(|(k, _)| self.defaults_used.contains(k))
+            .map(|(k, v)| format!("{k} = {v}"))
+            .collect()
+    }
+
+    /// The effective configuration as a TOML document (for `check-config`): a header naming the
+    /// source, then every key with its value, defaults marked. Loading the output gives back
+    /// the same configuration.
+    pub fn render(&self) -> String {
+        // A path could hold a newline; keep the header one comment line.
+        let mut out = format!("# {}\n", self.summary().replace('\n', " "));
+        let mut current = String::new();
+        for (dotted, value) in self.config.entries() {
+            let (section, key) = dotted.split_once('.').unwrap_or(("", dotted.as_str()));
+            if section != current {
+                out.push_str(&format!("\n[{section}]\n"));
+                current = section.to_owned();
+            }
+            let mark = if self.defaults_used.contains(&dotted) {
+                "  # default"
+            } else {
+                ""
+            };
+            out.push_str(&format!("{key} = {value}{mark}\n"));
+        }
+        out
+    }
+}
+
+impl Config {
+    /// Every key (dotted) with its value rendered as a TOML value, in declaration order.
+    pub fn entries(&self) -> Vec<(String, String)> {
+        // JSON string syntax is valid TOML basic-string syntax, escapes included.
+        let s = |v: &str| serde_json::to_string(v).unwrap_or_else(|_| "\"\"".to_owned());
+        let p = |v: &Path| s(&v.to_string_lossy());
+        let d = |v: Duration| s(&humantime::format_duration(v).to_string());
+        let backend = match self.ocserv.backend {
+            BackendKind::Native => "native",
+            BackendKind::Occtl => "occtl",
+        };
+        let format = match self.log.format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        let (a, o, g, m, v, l) = (
+            &self.agent,
+            &self.ocserv,
+            &self.grpc,
+            &self.metrics,
+            &self.supervisor,
+            &self.log,
+        );
+        [
+            ("agent.id", s(&a.id)),
+            ("agent.state_dir", p(&a.state_dir)),
+            ("ocserv.backend", s(backend)),
+            ("ocserv.control_socket", p(&o.control_socket)),
+            ("ocserv.occtl_path", p(&o.occtl_path)),
+            ("ocserv.request_timeout", d(o.request_timeout)),
+            ("ocserv.reconcile_interval", d(o.reconcile_interval)),
+            ("grpc.listen", s(&g.listen.to_string())),
+            (
+                "grpc.max_concurrent_requests",
+                g.max_concurrent_requests.to_string(),
+            ),
+            ("grpc.request_timeout", d(g.request_timeout)),
+            ("metrics.listen", s(&m.listen.to_string())),
+            (
+                "supervisor.restart_backoff_initial",
+                d(v.restart_backoff_initial),
+            ),
+            ("supervisor.restart_backoff_max", d(v.restart_backoff_max)),
+            (
+                "supervisor.restart_intensity",
+                v.restart_intensity.to_string(),
+            ),
+            ("supervisor.restart_window", d(v.restart_window)),
+            ("supervisor.shutdown_grace", d(v.shutdown_grace)),
+            ("supervisor.call_timeout", d(v.call_timeout)),
+            ("log.level", s(&l.level)),
+            ("log.format", s(format)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
 }
 
 /// Load from `path` (which must exist), or with `None` from [`DEFAULT_PATH`] when it exists and
@@ -1643,6 +1735,42 @@ mod tests {
         assert_eq!(d.ceiling(0), MS(5));
         assert_eq!(d.ceiling(1), MS(10));
         assert_eq!(d.ceiling(30), SECS(5));
+    }
+
+    #[test]
+    fn render_round_trips_and_marks_defaults() {
+        let keys: Vec<String> = Config::default()
+            .entries()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, all_keys());
+
+        let text = "[grpc]\nlisten = \"[::1]:7000\"\n[agent]\nid = \"a-1\"\nstate_dir = \"/srv/x \\\"q\\\"\"\n[supervisor]\nrestart_window = \"1m 30s\"\n";
+        let l = load_text(text, &[("OCSERV_AGENT__LOG__FORMAT", "json")]).unwrap();
+        assert_eq!(l.config.agent.state_dir, Path::new("/srv/x \"q\""));
+        let rendered = l.render();
+        assert!(rendered.contains("listen = \"[::1]:7000\"\n"), "{rendered}");
+        assert!(
+            rendered.contains("listen = \"127.0.0.1:9102\"  # default"),
+            "{rendered}"
+        );
+        assert!(
+            rendered.contains("restart_window = \"1m 30s\"\n"),
+            "{rendered}"
+        );
+        let again = load_text(&rendered, &[]).unwrap();
+        assert_eq!(again.config, l.config);
+        assert!(again.defaults_used.is_empty());
+
+        let d = l.describe_defaults();
+        assert!(
+            d.contains(&"grpc.request_timeout = \"5s\"".to_owned()),
+            "{d:?}"
+        );
+        assert!(!d.iter().any(|x| x.starts_with("grpc.listen")), "{d:?}");
+        assert!(!d.iter().any(|x| x.starts_with("log.format")), "{d:?}");
+        assert_eq!(d.len(), l.defaults_used.len());
     }
 
     #[test]
