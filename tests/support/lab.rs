@@ -579,7 +579,10 @@ impl Lab {
             .wrap_err_with(|| format!("opening {}", self.ocserv_log.display()))?;
         let _ = writeln!(log, "=== lab: starting ocserv ===");
         let child = Command::new("ip")
-            .args(["netns", "exec", &self.server_ns, "ocserv", "-f", "-d", "1", "-c"])
+            .args(["netns", "exec", &self.server_ns])
+            // `-d 1` makes sec-mod print its auth and session messages to stderr (our log);
+            // without it they only go to syslog.
+            .args(["ocserv", "-f", "-d", "1", "-c"])
             .arg(&self.config_file)
             .stdin(Stdio::null())
             .stdout(Stdio::from(
