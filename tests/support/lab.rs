@@ -89,7 +89,8 @@ pub struct LabOptions {
     pub users: Vec<LabUser>,
     /// `max-clients` (default 64).
     pub max_clients: u32,
-    /// Raw `ocserv.conf` lines appended after the generated ones.
+    /// Raw `ocserv.conf` lines appended after the generated ones. For scalar keys the later
+    /// line wins (verified with `max-same-clients = 1`), so these can override lab defaults.
     pub extra_config: Vec<String>,
     /// Written as `connect-script = PATH` when set (ocserv runs it as root, no arguments).
     pub connect_script: Option<PathBuf>,
