@@ -2,8 +2,13 @@
 //! remotely manageable. See `README.md` for operation and `DESIGN.md` for the architecture.
 #![forbid(unsafe_code)]
 
+pub mod actors;
+pub mod app;
 pub mod backoff;
+pub mod cli;
 pub mod config;
+pub mod grpc;
+pub mod messages;
 pub mod metrics;
 pub mod ocserv;
 pub mod proto;

@@ -6,6 +6,7 @@
 //! dependencies. Not every user calls every helper, hence `dead_code` is allowed here.
 #![allow(dead_code)]
 
+pub mod agent;
 pub mod lab;
 
 #[allow(unused_imports)]

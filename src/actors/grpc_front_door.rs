@@ -1,0 +1,83 @@
+//! `GrpcFrontDoor`: the tonic server on the gRPC listener.
+//!
+//! Serves `agent.v1.VPNAgentService` ([`crate::grpc::VpnAgent`]), `grpc.health.v1.Health` and
+//! server reflection (v1) from the descriptor set built into the binary. Concurrency per
+//! connection and request duration are bounded from `[grpc]`. The configuration check refuses a
+//! plaintext bind on anything but loopback; mTLS arrives with a later release.
+//!
+//! The listener is bound once by the supervisor and shared, so a restarted front door accepts on
+//! the same socket; the server task lives in the actor's state and is aborted with it (connections
+//! already accepted finish on their own tasks).
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::actors::{AbortOnDrop, Context};
+use crate::grpc::VpnAgent;
+use crate::messages::ServerMsg;
+use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentServiceServer;
+
+pub struct GrpcFrontDoor;
+
+pub struct FrontDoorState {
+    _server: AbortOnDrop,
+}
+
+impl Actor for GrpcFrontDoor {
+    type Msg = ServerMsg;
+    type State = FrontDoorState;
+    type Arguments = Arc<Context>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        ctx: Arc<Context>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let cfg = &ctx.config;
+        let std_listener = ctx.grpc_listener.try_clone()?;
+        std_listener.set_nonblocking(true)?;
+        let incoming = TcpListenerStream::new(tokio::net::TcpListener::from_std(std_listener)?);
+
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter
+            .set_serving::<VpnAgentServiceServer<VpnAgent>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let agent = VpnAgent::new(
+            ctx.metrics.clone(),
+            cfg.supervisor.call_timeout,
+            cfg.ocserv.request_timeout,
+        );
+        let router = Server::builder()
+            .concurrency_limit_per_connection(cfg.grpc.max_concurrent_requests)
+            .timeout(cfg.grpc.request_timeout)
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(VpnAgentServiceServer::new(agent));
+        let server = tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+        Ok(FrontDoorState {
+            _server: server.into(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ServerMsg::Crash => panic!("chaos: crash requested for {}", super::GRPC_FRONT_DOOR),
+        }
+    }
+}

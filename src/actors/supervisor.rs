@@ -1,0 +1,328 @@
+//! The root supervisor: starts every child by name, restarts any child that fails (panic or
+//! error) **or** terminates (a `kill()` arrives as terminated), with jittered exponential backoff,
+//! and escalates when restarts exceed the intensity limit (`supervisor.restart_intensity` restarts
+//! within `supervisor.restart_window`): it stops every child in order and reports
+//! [`ExitReason::RestartIntensityExceeded`], on which the process exits non-zero (and systemd
+//! restarts it). No child holds a VPN session: restarting any of them never disconnects a client.
+//!
+//! The restart decision is the plain [`RestartPolicy`]; the actor only wires events to it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use tokio::sync::watch;
+
+use crate::actors::grpc_front_door::GrpcFrontDoor;
+use crate::actors::metrics_server::MetricsServer;
+use crate::actors::ocserv_ctl::OcservCtl;
+use crate::actors::session_registry::SessionRegistry;
+use crate::actors::{Child, Context};
+use crate::backoff::Backoff;
+use crate::messages::SupervisorMsg;
+
+/// Why the supervisor stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Asked to shut down (signal or API).
+    Shutdown,
+    /// Too many restarts in the window: the tree cannot heal itself.
+    RestartIntensityExceeded { actor: &'static str },
+    /// A child could not be started at all.
+    StartFailed { actor: &'static str, error: String },
+}
+
+/// What to do after a child stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    RestartAfter(Duration),
+    Escalate,
+}
+
+/// Restart intensity and backoff: at most `intensity` restarts (all children together) within
+/// `window`; the delay grows with the number of recent restarts of the same child.
+#[derive(Debug, Clone)]
+pub struct RestartPolicy {
+    backoff: Backoff,
+    intensity: u32,
+    window: Duration,
+    history: VecDeque<(Instant, Child)>,
+}
+
+impl RestartPolicy {
+    pub fn new(backoff: Backoff, intensity: u32, window: Duration) -> Self {
+        Self {
+            backoff,
+            intensity,
+            window,
+            history: VecDeque::new(),
+        }
+    }
+
+    pub fn on_stop(&mut self, child: Child, now: Instant) -> Decision {
+        while let Some((t, _)) = self.history.front() {
+            if now.duration_since(*t) > self.window {
+                self.history.pop_front();
+            } else {
+                break;
+            }
+        }
+        if self.history.len() >= self.intensity as usize {
+            return Decision::Escalate;
+        }
+        let recent_same = self.history.iter().filter(|(_, c)| *c == child).count() as u32;
+        self.history.push_back((now, child));
+        Decision::RestartAfter(self.backoff.delay(recent_same))
+    }
+}
+
+pub struct Supervisor;
+
+pub struct SupervisorArgs {
+    pub ctx: Arc<Context>,
+    pub exit: watch::Sender<Option<ExitReason>>,
+}
+
+pub struct SupervisorState {
+    ctx: Arc<Context>,
+    exit: watch::Sender<Option<ExitReason>>,
+    running: HashMap<ActorId, (Child, ActorCell)>,
+    policy: RestartPolicy,
+    stopping: bool,
+}
+
+async fn spawn_child(
+    child: Child,
+    ctx: &Arc<Context>,
+    sup: ActorCell,
+) -> Result<ActorCell, ractor::SpawnErr> {
+    let name = Some(child.name().to_string());
+    let c = ctx.clone();
+    Ok(match child {
+        Child::OcservCtl => Actor::spawn_linked(name, OcservCtl, c, sup).await?.0.get_cell(),
+        Child::SessionRegistry => {
+            Actor::spawn_linked(name, SessionRegistry, c, sup)
+                .await?
+                .0
+                .get_cell()
+        }
+        Child::MetricsServer => Actor::spawn_linked(name, MetricsServer, c, sup)
+            .await?
+            .0
+            .get_cell(),
+        Child::GrpcFrontDoor => Actor::spawn_linked(name, GrpcFrontDoor, c, sup)
+            .await?
+            .0
+            .get_cell(),
+    })
+}
+
+impl SupervisorState {
+    /// Stops the children in reverse start order (front door first, so no new work arrives),
+    /// each within its share of the grace period.
+    async fn stop_children(&mut self) {
+        self.stopping = true;
+        let grace = self.ctx.config.supervisor.shutdown_grace / Child::ALL.len() as u32;
+        for child in Child::ALL.iter().rev() {
+            let cell = self
+                .running
+                .values()
+                .find(|(c, _)| c == child)
+                .map(|(_, cell)| cell.clone());
+            if let Some(cell) = cell {
+                if cell.stop_and_wait(None, Some(grace)).await.is_err() {
+                    tracing::warn!(actor = child.name(), "did not stop within grace; killing");
+                    cell.kill();
+                }
+            }
+        }
+        self.running.clear();
+    }
+
+    async fn finish(&mut self, myself: &ActorRef<SupervisorMsg>, reason: ExitReason) {
+        self.stop_children().await;
+        self.exit.send_replace(Some(reason));
+        myself.stop(None);
+    }
+}
+
+impl Actor for Supervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let s = &args.ctx.config.supervisor;
+        let mut state = SupervisorState {
+            policy: RestartPolicy::new(s.backoff(), s.restart_intensity, s.restart_window),
+            ctx: args.ctx,
+            exit: args.exit,
+            running: HashMap::new(),
+            stopping: false,
+        };
+        for child in Child::ALL {
+            match spawn_child(child, &state.ctx, myself.get_cell()).await {
+                Ok(cell) => {
+                    state.running.insert(cell.get_id(), (child, cell));
+                }
+                Err(e) => {
+                    let reason = ExitReason::StartFailed {
+                        actor: child.name(),
+                        error: e.to_string(),
+                    };
+                    state.stop_children().await;
+                    state.exit.send_replace(Some(reason));
+                    return Err(format!("cannot start {}: {e}", child.name()).into());
+                }
+            }
+        }
+        tracing::info!("all actors started");
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Restart(child) if !state.stopping => {
+                match spawn_child(child, &state.ctx, myself.get_cell()).await {
+                    Ok(cell) => {
+                        tracing::info!(actor = child.name(), "actor restarted");
+                        state.ctx.metrics.actor_restarted(child.name());
+                        state.running.insert(cell.get_id(), (child, cell));
+                    }
+                    Err(e) => {
+                        tracing::error!(actor = child.name(), error = %e, "restart failed");
+                        match state.policy.on_stop(child, Instant::now()) {
+                            Decision::RestartAfter(d) => {
+                                myself.send_after(d, move || SupervisorMsg::Restart(child));
+                            }
+                            Decision::Escalate => {
+                                let reason = ExitReason::RestartIntensityExceeded {
+                                    actor: child.name(),
+                                };
+                                state.finish(&myself, reason).await;
+                            }
+                        }
+                    }
+                }
+            }
+            SupervisorMsg::Restart(_) => {}
+            SupervisorMsg::Shutdown(reply) => {
+                tracing::info!("shutting down");
+                state.finish(&myself, ExitReason::Shutdown).await;
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match event {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, format!("failed: {err}")),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!("terminated: {}", reason.as_deref().unwrap_or("killed")),
+            ),
+            _ => return Ok(()),
+        };
+        let Some((child, _)) = state.running.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        if state.stopping {
+            return Ok(());
+        }
+        tracing::warn!(actor = child.name(), %why, "actor stopped");
+        match state.policy.on_stop(child, Instant::now()) {
+            Decision::RestartAfter(delay) => {
+                myself.send_after(delay, move || SupervisorMsg::Restart(child));
+            }
+            Decision::Escalate => {
+                tracing::error!(
+                    actor = child.name(),
+                    intensity = state.ctx.config.supervisor.restart_intensity,
+                    window = ?state.ctx.config.supervisor.restart_window,
+                    "restart intensity exceeded; stopping the agent"
+                );
+                let reason = ExitReason::RestartIntensityExceeded {
+                    actor: child.name(),
+                };
+                state.finish(&myself, reason).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(intensity: u32) -> RestartPolicy {
+        let b = Backoff::new(Duration::from_millis(10), Duration::from_secs(1), 2.0).unwrap();
+        RestartPolicy::new(b, intensity, Duration::from_secs(30))
+    }
+
+    #[test]
+    fn escalates_after_intensity_within_window() {
+        let mut p = policy(3);
+        let t = Instant::now();
+        for i in 0..3 {
+            assert!(matches!(
+                p.on_stop(Child::OcservCtl, t + Duration::from_secs(i)),
+                Decision::RestartAfter(_)
+            ));
+        }
+        assert_eq!(
+            p.on_stop(Child::SessionRegistry, t + Duration::from_secs(4)),
+            Decision::Escalate
+        );
+    }
+
+    #[test]
+    fn old_restarts_leave_the_window() {
+        let mut p = policy(2);
+        let t = Instant::now();
+        p.on_stop(Child::OcservCtl, t);
+        p.on_stop(Child::OcservCtl, t + Duration::from_secs(1));
+        assert!(matches!(
+            p.on_stop(Child::OcservCtl, t + Duration::from_secs(40)),
+            Decision::RestartAfter(_)
+        ));
+    }
+
+    #[test]
+    fn delay_grows_with_recent_restarts_of_the_same_child() {
+        let mut p = policy(100);
+        let t = Instant::now();
+        let Decision::RestartAfter(first) = p.on_stop(Child::OcservCtl, t) else {
+            panic!("escalated")
+        };
+        assert!(first <= Duration::from_millis(10));
+        for _ in 0..5 {
+            p.on_stop(Child::OcservCtl, t);
+        }
+        let Decision::RestartAfter(later) = p.on_stop(Child::OcservCtl, t) else {
+            panic!("escalated")
+        };
+        assert!(later >= Duration::from_millis(320), "{later:?}");
+        // another child starts from the initial delay
+        let Decision::RestartAfter(other) = p.on_stop(Child::GrpcFrontDoor, t) else {
+            panic!("escalated")
+        };
+        assert!(other <= Duration::from_millis(10));
+    }
+}

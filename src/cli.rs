@@ -1,0 +1,332 @@
+//! The operator's command line: argument parsing and the client commands that talk to a running
+//! agent over its gRPC API (`sessions`, `disconnect`). Output is a readable table or JSON; when the
+//! agent cannot be reached the error says where it looked and what to check.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use tonic::transport::Channel;
+
+use crate::proto::agent::v1 as pb;
+use crate::proto::agent::v1::vpn_agent_service_client::VpnAgentServiceClient;
+
+/// Exit code when the agent cannot be reached (EX_UNAVAILABLE).
+pub const EXIT_UNAVAILABLE: i32 = 69;
+/// Exit code when the agent refused the request (bad argument, unknown user).
+pub const EXIT_REFUSED: i32 = 1;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ocserv-agent",
+    version,
+    about = "Supervised management agent for ocserv (OpenConnect VPN server)",
+    long_about = "Runs beside ocserv, tracks its sessions through the control socket (or occtl) \
+and serves them over gRPC to a portal and to this command line.\n\nWithout a subcommand, runs the agent."
+)]
+pub struct Cli {
+    /// Configuration file (TOML). Default: /etc/ocserv-agent/agent.toml if present, else embedded
+    /// defaults. Every key can be overridden by OCSERV_AGENT__SECTION__KEY.
+    #[arg(long, short = 'c', global = true, env = "OCSERV_AGENT_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent (the default).
+    Run,
+    /// Validate the configuration and print the effective values; exit 64 when invalid.
+    CheckConfig,
+    /// List live VPN sessions through the running agent.
+    Sessions {
+        /// Only this user's sessions.
+        #[arg(long, short = 'u')]
+        user: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Agent gRPC address; default: http://<grpc.listen from the configuration>.
+        #[arg(long)]
+        addr: Option<String>,
+    },
+    /// Disconnect a user's newest session (or all of them with --all) through the running agent.
+    Disconnect {
+        /// The user to disconnect.
+        user: String,
+        /// Disconnect every session of the user, not only the newest.
+        #[arg(long)]
+        all: bool,
+        /// Why (kept in the agent's log).
+        #[arg(long, default_value = "disconnected by operator")]
+        reason: String,
+        /// Agent gRPC address; default: http://<grpc.listen from the configuration>.
+        #[arg(long)]
+        addr: Option<String>,
+    },
+}
+
+/// A client-side failure with its exit code.
+#[derive(Debug)]
+pub struct CliError {
+    pub code: i32,
+    pub message: String,
+}
+
+async fn connect(addr: &str) -> Result<VpnAgentServiceClient<Channel>, CliError> {
+    let unavailable = |e: &dyn std::fmt::Display| CliError {
+        code: EXIT_UNAVAILABLE,
+        message: format!(
+            "cannot reach the agent at {addr}: {e} (is ocserv-agent running? try `systemctl status ocserv-agent`, or pass --addr)"
+        ),
+    };
+    let endpoint = Channel::from_shared(addr.to_string())
+        .map_err(|e| CliError {
+            code: crate::config::EXIT_CONFIG,
+            message: format!("--addr: invalid address {addr:?}: {e}"),
+        })?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(30));
+    let channel = endpoint.connect().await.map_err(|e| {
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        unavailable(&cause.to_string())
+    })?;
+    Ok(VpnAgentServiceClient::new(channel))
+}
+
+fn status_error(addr: &str, s: tonic::Status) -> CliError {
+    let code = match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => EXIT_UNAVAILABLE,
+        _ => EXIT_REFUSED,
+    };
+    CliError {
+        code,
+        message: format!(
+            "agent at {addr} answered {}: {}",
+            crate::metrics::code_name(s.code()),
+            s.message()
+        ),
+    }
+}
+
+/// `ocserv-agent sessions`.
+pub async fn sessions(addr: &str, user: Option<String>, json: bool) -> Result<String, CliError> {
+    let mut client = connect(addr).await?;
+    let resp = client
+        .get_active_sessions(pb::GetActiveSessionsRequest {
+            username_filter: user.unwrap_or_default(),
+            include_stats: true,
+        })
+        .await
+        .map_err(|s| status_error(addr, s))?
+        .into_inner();
+    Ok(if json {
+        sessions_json(&resp)
+    } else {
+        sessions_table(&resp, now_unix())
+    })
+}
+
+/// `ocserv-agent disconnect`.
+pub async fn disconnect(
+    addr: &str,
+    user: String,
+    all: bool,
+    reason: String,
+) -> Result<String, CliError> {
+    let mut client = connect(addr).await?;
+    let resp = client
+        .disconnect_user(pb::DisconnectUserRequest {
+            username: user.clone(),
+            reason,
+            disconnect_all_sessions: all,
+        })
+        .await
+        .map_err(|s| status_error(addr, s))?
+        .into_inner();
+    let mut out = format!(
+        "disconnected {} session(s) of {user}\n",
+        resp.sessions_disconnected
+    );
+    if !resp.error_message.is_empty() {
+        out.push_str(&format!("some sessions failed: {}\n", resp.error_message));
+    }
+    Ok(out)
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// JSON: one object per session, stable field names.
+pub fn sessions_json(resp: &pb::GetActiveSessionsResponse) -> String {
+    let list: Vec<_> = resp
+        .sessions
+        .iter()
+        .map(|s| {
+            serde_json::json!({
+                "session_id": s.session_id,
+                "username": s.username,
+                "groupname": s.metadata.get("groupname").cloned().unwrap_or_default(),
+                "client_ip": s.client_ip,
+                "vpn_ip": s.vpn_ip,
+                "connected_at": s.connected_at.as_ref().map(|t| t.seconds),
+                "bytes_in": s.bytes_in,
+                "bytes_out": s.bytes_out,
+                "device_id": s.device_id,
+                "metadata": s.metadata,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({ "total_count": resp.total_count, "sessions": list });
+    format!("{:#}\n", doc)
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn human_age(secs: i64) -> String {
+    let s = secs.max(0);
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..=86_399 => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{:02}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+/// A fixed-width table, one row per session.
+pub fn sessions_table(resp: &pb::GetActiveSessionsResponse, now: i64) -> String {
+    let header = [
+        "ID", "USER", "GROUP", "CLIENT IP", "VPN IP", "UP", "STATE", "RX", "TX",
+    ];
+    let rows: Vec<[String; 9]> = resp
+        .sessions
+        .iter()
+        .map(|s| {
+            let meta = |k: &str| s.metadata.get(k).cloned().unwrap_or_default();
+            [
+                s.session_id.clone(),
+                s.username.clone(),
+                meta("groupname"),
+                s.client_ip.clone(),
+                s.vpn_ip.clone(),
+                s.connected_at
+                    .as_ref()
+                    .map(|t| human_age(now - t.seconds))
+                    .unwrap_or_default(),
+                meta("state"),
+                human_bytes(s.bytes_in),
+                human_bytes(s.bytes_out),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut out = String::new();
+        for (i, c) in cells.enumerate() {
+            let pad = widths[i].saturating_sub(c.chars().count());
+            out.push_str(c);
+            if i + 1 < widths.len() {
+                out.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        out.trim_end().to_string() + "\n"
+    };
+    let mut out = line(&mut header.iter().copied());
+    for r in &rows {
+        out.push_str(&line(&mut r.iter().map(String::as_str)));
+    }
+    out.push_str(&format!("{} session(s)\n", resp.total_count));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp() -> pb::GetActiveSessionsResponse {
+        let mut s = pb::VpnSession {
+            session_id: "4242".into(),
+            username: "jürgen".into(),
+            client_ip: "192.0.2.10".into(),
+            vpn_ip: "10.10.0.2".into(),
+            connected_at: Some(prost_types::Timestamp {
+                seconds: 1000,
+                nanos: 0,
+            }),
+            bytes_in: 2048,
+            bytes_out: 10,
+            ..Default::default()
+        };
+        s.metadata.insert("groupname".into(), "staff".into());
+        s.metadata.insert("state".into(), "connected".into());
+        pb::GetActiveSessionsResponse {
+            sessions: vec![s],
+            total_count: 1,
+        }
+    }
+
+    #[test]
+    fn table_aligns_columns_and_humanizes() {
+        let t = sessions_table(&resp(), 1000 + 125);
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("ID    USER    GROUP"));
+        assert!(lines[1].contains("jürgen  staff"), "{t}");
+        assert!(lines[1].contains("2m05s"));
+        assert!(lines[1].contains("2.0 KiB"));
+        assert!(lines[1].contains("10 B"));
+        assert_eq!(lines[2], "1 session(s)");
+    }
+
+    #[test]
+    fn json_has_stable_fields() {
+        let v: serde_json::Value = serde_json::from_str(&sessions_json(&resp())).unwrap();
+        assert_eq!(v["total_count"], 1);
+        assert_eq!(v["sessions"][0]["username"], "jürgen");
+        assert_eq!(v["sessions"][0]["groupname"], "staff");
+        assert_eq!(v["sessions"][0]["connected_at"], 1000);
+    }
+
+    #[tokio::test]
+    async fn unreachable_agent_is_a_clear_error() {
+        // A port that was just free: bind, note it, release it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("http://127.0.0.1:{port}");
+        let e = sessions(&addr, None, false).await.unwrap_err();
+        assert_eq!(e.code, EXIT_UNAVAILABLE);
+        assert!(
+            e.message.contains(&format!("cannot reach the agent at {addr}")),
+            "{}",
+            e.message
+        );
+    }
+}
