@@ -74,11 +74,13 @@ pub struct CliError {
 }
 
 async fn connect(addr: &str) -> Result<VpnAgentServiceClient<Channel>, CliError> {
-    let unavailable = |e: &dyn std::fmt::Display| CliError {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        CliError {
         code: EXIT_UNAVAILABLE,
         message: format!(
             "cannot reach the agent at {addr}: {e} (is ocserv-agent running? try `systemctl status ocserv-agent`, or pass --addr)"
         ),
+    }
     };
     let endpoint = Channel::from_shared(addr.to_string())
         .map_err(|e| CliError {
@@ -216,7 +218,15 @@ fn human_age(secs: i64) -> String {
 /// A fixed-width table, one row per session.
 pub fn sessions_table(resp: &pb::GetActiveSessionsResponse, now: i64) -> String {
     let header = [
-        "ID", "USER", "GROUP", "CLIENT IP", "VPN IP", "UP", "STATE", "RX", "TX",
+        "ID",
+        "USER",
+        "GROUP",
+        "CLIENT IP",
+        "VPN IP",
+        "UP",
+        "STATE",
+        "RX",
+        "TX",
     ];
     let rows: Vec<[String; 9]> = resp
         .sessions
@@ -324,7 +334,8 @@ mod tests {
         let e = sessions(&addr, None, false).await.unwrap_err();
         assert_eq!(e.code, EXIT_UNAVAILABLE);
         assert!(
-            e.message.contains(&format!("cannot reach the agent at {addr}")),
+            e.message
+                .contains(&format!("cannot reach the agent at {addr}")),
             "{}",
             e.message
         );

@@ -28,7 +28,11 @@ pub struct VpnAgent {
 }
 
 impl VpnAgent {
-    pub fn new(metrics: Arc<Metrics>, call_timeout: Duration, ocserv_request_timeout: Duration) -> Self {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        call_timeout: Duration,
+        ocserv_request_timeout: Duration,
+    ) -> Self {
         Self {
             metrics,
             call_timeout,
@@ -47,10 +51,15 @@ impl VpnAgent {
         idempotent: bool,
         build: impl Fn(ractor::RpcReplyPort<Result<T, CtlError>>) -> CtlMsg,
     ) -> Result<T, Status> {
-        call(crate::actors::OCSERV_CTL, self.ocserv_timeout, idempotent, build)
-            .await
-            .map_err(actor_status)?
-            .map_err(ctl_status)
+        call(
+            crate::actors::OCSERV_CTL,
+            self.ocserv_timeout,
+            idempotent,
+            build,
+        )
+        .await
+        .map_err(actor_status)?
+        .map_err(ctl_status)
     }
 }
 
@@ -212,7 +221,9 @@ impl VpnAgent {
         if !view.synced {
             return Err(Status::unavailable(format!(
                 "the session list has not been synchronized with ocserv yet: {}",
-                view.last_error.as_deref().unwrap_or("first reconcile under way")
+                view.last_error
+                    .as_deref()
+                    .unwrap_or("first reconcile under way")
             )));
         }
         let sessions: Vec<_> = view
@@ -289,7 +300,11 @@ mod tests {
 
     #[test]
     fn newest_session_is_the_single_target() {
-        let s = vec![session(10, "a", 100), session(5, "a", 200), session(7, "a", 200)];
+        let s = vec![
+            session(10, "a", 100),
+            session(5, "a", 200),
+            session(7, "a", 200),
+        ];
         assert_eq!(disconnect_targets(&s, false), vec![7]);
         assert_eq!(disconnect_targets(&s, true), vec![10, 5, 7]);
         assert!(disconnect_targets(&[], true).is_empty());

@@ -35,7 +35,10 @@ fn client_addr(explicit: Option<String>, path: Option<&std::path::Path>) -> Stri
 fn main() {
     let cli = Cli::parse();
     let path = cli.config.as_deref();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ocserv-agent: cannot start the async runtime: {e}");
@@ -47,7 +50,9 @@ fn main() {
             let loaded = load_or_exit(path);
             init_logging(&loaded.config.log);
             match &loaded.source {
-                ConfigSource::File(p) => tracing::info!(file = %p.display(), "configuration loaded"),
+                ConfigSource::File(p) => {
+                    tracing::info!(file = %p.display(), "configuration loaded")
+                }
                 ConfigSource::EmbeddedDefaults => tracing::info!(
                     "no configuration file (looked for {}); running on embedded defaults",
                     config::DEFAULT_PATH

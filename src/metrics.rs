@@ -214,7 +214,9 @@ impl Metrics {
     }
 
     pub fn actor_restarted(&self, actor: &'static str) {
-        self.actor_restarts.get_or_create(&ActorLabel { actor }).inc();
+        self.actor_restarts
+            .get_or_create(&ActorLabel { actor })
+            .inc();
     }
 
     pub fn grpc_request(&self, method: &'static str, code: tonic::Code) {

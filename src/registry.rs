@@ -86,7 +86,8 @@ impl SessionTable {
             }
             next.insert(s.id, s);
         }
-        diff.closed.extend(std::mem::take(&mut self.by_id).into_values());
+        diff.closed
+            .extend(std::mem::take(&mut self.by_id).into_values());
         self.by_id = next;
         diff
     }
@@ -152,7 +153,10 @@ pub(crate) mod tests {
         assert_eq!(d.opened, vec![3]);
         assert_eq!(d.closed.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
         assert_eq!(d.updated, 1);
-        assert_eq!(t.sessions(Some("a")).map(|s| s.id).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(
+            t.sessions(Some("a")).map(|s| s.id).collect::<Vec<_>>(),
+            vec![3]
+        );
     }
 
     #[test]

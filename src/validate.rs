@@ -47,7 +47,14 @@ mod tests {
 
     #[test]
     fn accepts_ordinary_and_utf8_names() {
-        for n in ["alice", "bob.smith", "user@example.com", "Jürgen", "ユーザー", "a-b_c"] {
+        for n in [
+            "alice",
+            "bob.smith",
+            "user@example.com",
+            "Jürgen",
+            "ユーザー",
+            "a-b_c",
+        ] {
             assert_eq!(username(n), Ok(()), "{n}");
         }
     }

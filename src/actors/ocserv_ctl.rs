@@ -105,18 +105,35 @@ impl Actor for OcservCtl {
                 b.disconnect_name(&u).await
             }),
             CtlMsg::DisconnectId(id, r) => {
-                dispatch(m, "disconnect_id", r, async move { b.disconnect_id(id).await })
+                dispatch(
+                    m,
+                    "disconnect_id",
+                    r,
+                    async move { b.disconnect_id(id).await },
+                )
             }
-            CtlMsg::TerminateUser(u, r) => dispatch(m, "terminate_user", r, async move {
-                b.terminate_user(&u).await
-            }),
+            CtlMsg::TerminateUser(u, r) => {
+                dispatch(
+                    m,
+                    "terminate_user",
+                    r,
+                    async move { b.terminate_user(&u).await },
+                )
+            }
             CtlMsg::TerminateId(id, r) => {
-                dispatch(m, "terminate_id", r, async move { b.terminate_id(id).await })
+                dispatch(
+                    m,
+                    "terminate_id",
+                    r,
+                    async move { b.terminate_id(id).await },
+                )
             }
             CtlMsg::ListBanned(r) => {
                 dispatch(m, "list_banned", r, async move { b.list_banned().await })
             }
-            CtlMsg::UnbanIp(ip, r) => dispatch(m, "unban_ip", r, async move { b.unban_ip(ip).await }),
+            CtlMsg::UnbanIp(ip, r) => {
+                dispatch(m, "unban_ip", r, async move { b.unban_ip(ip).await })
+            }
             CtlMsg::Reload(r) => dispatch(m, "reload", r, async move { b.reload().await }),
             CtlMsg::ListCookies(r) => {
                 dispatch(m, "list_cookies", r, async move { b.list_cookies().await })

@@ -100,13 +100,14 @@ async fn spawn_child(
     let name = Some(child.name().to_string());
     let c = ctx.clone();
     Ok(match child {
-        Child::OcservCtl => Actor::spawn_linked(name, OcservCtl, c, sup).await?.0.get_cell(),
-        Child::SessionRegistry => {
-            Actor::spawn_linked(name, SessionRegistry, c, sup)
-                .await?
-                .0
-                .get_cell()
-        }
+        Child::OcservCtl => Actor::spawn_linked(name, OcservCtl, c, sup)
+            .await?
+            .0
+            .get_cell(),
+        Child::SessionRegistry => Actor::spawn_linked(name, SessionRegistry, c, sup)
+            .await?
+            .0
+            .get_cell(),
         Child::MetricsServer => Actor::spawn_linked(name, MetricsServer, c, sup)
             .await?
             .0

@@ -221,10 +221,7 @@ pub enum CtlError {
         stderr: String,
     },
     #[error("invalid argument {field}: {reason}")]
-    InvalidArgument {
-        field: &'static str,
-        reason: String,
-    },
+    InvalidArgument { field: &'static str, reason: String },
 }
 
 impl CtlError {
@@ -252,8 +249,10 @@ pub trait OcservBackend: Send + Sync {
         username: &str,
     ) -> impl std::future::Future<Output = CtlResult<Vec<Session>>> + Send;
     /// One session by ID (`None` when no such session).
-    fn id_info(&self, id: u32)
-        -> impl std::future::Future<Output = CtlResult<Option<Session>>> + Send;
+    fn id_info(
+        &self,
+        id: u32,
+    ) -> impl std::future::Future<Output = CtlResult<Option<Session>>> + Send;
     fn disconnect_name(
         &self,
         username: &str,
