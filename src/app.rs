@@ -113,7 +113,12 @@ pub fn exit_code(reason: &ExitReason) -> i32 {
 
 /// Runs until SIGTERM/SIGINT (ordered shutdown, exit 0) or until the supervisor escalates
 /// (non-zero). Returns the process exit code.
-pub async fn run(config: Config) -> i32 {
+///
+/// SIGHUP re-reads and validates the configuration (`config_path` as given on the command line)
+/// and logs the verdict; this version applies configuration changes only at the next start, so
+/// a SIGHUP never stops the agent and never swaps a half-valid configuration in.
+pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
     let mut agent = match start(config).await {
         Ok(a) => a,
         Err(e) => {
@@ -122,17 +127,28 @@ pub async fn run(config: Config) -> i32 {
             return EXIT_START_FAILED;
         }
     };
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("ocserv-agent: cannot install the SIGTERM handler: {e}");
+    let (mut term, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(h)) => (t, h),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("ocserv-agent: cannot install signal handlers: {e}");
             return EXIT_START_FAILED;
         }
     };
-    let signalled = tokio::select! {
-        r = agent.wait() => Err(r),
-        _ = term.recv() => Ok("SIGTERM"),
-        _ = tokio::signal::ctrl_c() => Ok("SIGINT"),
+    let signalled = loop {
+        tokio::select! {
+            r = agent.wait() => break Err(r),
+            _ = term.recv() => break Ok("SIGTERM"),
+            _ = tokio::signal::ctrl_c() => break Ok("SIGINT"),
+            _ = hup.recv() => match crate::config::load(config_path.as_deref()) {
+                Ok(_) => tracing::info!(
+                    "SIGHUP: configuration is valid; changes take effect at the next restart"
+                ),
+                Err(e) => tracing::error!("SIGHUP: {e}; keeping the running configuration"),
+            },
+        }
     };
     let reason = match signalled {
         Err(r) => r,

@@ -21,7 +21,10 @@ pub const EXIT_REFUSED: i32 = 1;
     version,
     about = "Supervised management agent for ocserv (OpenConnect VPN server)",
     long_about = "Runs beside ocserv, tracks its sessions through the control socket (or occtl) \
-and serves them over gRPC to a portal and to this command line.\n\nWithout a subcommand, runs the agent."
+and serves them over gRPC to a portal and to this command line.\n\nWithout a subcommand, runs the agent.",
+    after_long_help = "Exit codes: 0 success or clean shutdown; 1 request refused by the agent; \
+64 invalid configuration; 69 agent (CLI) unreachable; 70 restart intensity exceeded; \
+71 start-up failure (e.g. a listen address in use)."
 )]
 pub struct Cli {
     /// Configuration file (TOML). Default: /etc/ocserv-agent/agent.toml if present, else embedded

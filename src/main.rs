@@ -61,7 +61,10 @@ fn main() {
             for line in loaded.describe_defaults() {
                 tracing::info!("default used: {line}");
             }
-            rt.block_on(ocserv_agent::app::run(loaded.config))
+            rt.block_on(ocserv_agent::app::run(
+                loaded.config,
+                path.map(std::path::Path::to_path_buf),
+            ))
         }
         Command::CheckConfig => {
             let loaded = load_or_exit(path);
