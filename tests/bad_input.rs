@@ -153,12 +153,16 @@ fn unreachable_ocserv_socket_is_reported_not_fatal() {
         child.try_wait().unwrap().is_none(),
         "the agent is still running"
     );
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // SIGHUP re-validates the configuration and never stops the agent.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP does not stop the agent"
+    );
     // SIGTERM: ordered shutdown, exit 0.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();
     assert!(seen, "the CLI names the socket; last stderr: {last}");
     assert_eq!(status.code(), Some(0));
