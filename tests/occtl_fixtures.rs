@@ -104,7 +104,11 @@ fn capture_fixtures() -> Result<()> {
     let occtl = |args: &[&str]| lab.occtl(args);
     save(&dir, "users-empty", &occtl(&["-j", "show", "users"])?)?;
     save(&dir, "iroutes-empty", &occtl(&["-j", "show", "iroutes"])?)?;
-    save(&dir, "ip-bans-empty", &occtl(&["-j", "show", "ip", "bans"])?)?;
+    save(
+        &dir,
+        "ip-bans-empty",
+        &occtl(&["-j", "show", "ip", "bans"])?,
+    )?;
 
     // `show events` in the background: the initial list, then one document per event.
     let events_out = lab.dir.join("events.stdout");
@@ -137,8 +141,16 @@ fn capture_fixtures() -> Result<()> {
         "users-server-ns",
         &lab.occtl_in_server_ns(&["-j", "show", "users"])?,
     )?;
-    save(&dir, "user-alice", &occtl(&["-j", "show", "user", "alice"])?)?;
-    save(&dir, "user-carol", &occtl(&["-j", "show", "user", "carol"])?)?;
+    save(
+        &dir,
+        "user-alice",
+        &occtl(&["-j", "show", "user", "alice"])?,
+    )?;
+    save(
+        &dir,
+        "user-carol",
+        &occtl(&["-j", "show", "user", "carol"])?,
+    )?;
     save(&dir, "user-dave", &occtl(&["-j", "show", "user", "dave"])?)?;
     save(&dir, "user-utf8", &occtl(&["-j", "show", "user", utf8])?)?;
     save(
@@ -146,7 +158,11 @@ fn capture_fixtures() -> Result<()> {
         "user-not-found",
         &occtl(&["-j", "show", "user", "nosuchuser"])?,
     )?;
-    save(&dir, "id-not-found", &occtl(&["-j", "show", "id", "999999"])?)?;
+    save(
+        &dir,
+        "id-not-found",
+        &occtl(&["-j", "show", "id", "999999"])?,
+    )?;
     // IDs and session ids from `show users`, which serde_json accepts (duplicate keys aside).
     let users_json: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("users.stdout"))?)?;
@@ -165,7 +181,11 @@ fn capture_fixtures() -> Result<()> {
     save(&dir, "id-bob", &occtl(&["-j", "show", "id", &bob_id])?)?;
     save(&dir, "status", &occtl(&["-j", "show", "status"])?)?;
     save(&dir, "iroutes", &occtl(&["-j", "show", "iroutes"])?)?;
-    save(&dir, "sessions-all", &occtl(&["-j", "show", "sessions", "all"])?)?;
+    save(
+        &dir,
+        "sessions-all",
+        &occtl(&["-j", "show", "sessions", "all"])?,
+    )?;
     save(
         &dir,
         "sessions-valid",
@@ -214,7 +234,10 @@ fn capture_fixtures() -> Result<()> {
     // Failed logins: three from the client's veth address (banned at score 30), then one from
     // a second address in the same namespace (below the threshold).
     for _ in 0..3 {
-        ensure!(lab.connect("alice", "wrong").is_err(), "wrong password accepted");
+        ensure!(
+            lab.connect("alice", "wrong").is_err(),
+            "wrong password accepted"
+        );
     }
     let n = lab.server_addr.octets()[2];
     let veth_client = format!("oal{n}c");
@@ -239,7 +262,10 @@ fn capture_fixtures() -> Result<()> {
         "src",
         &second,
     ])?;
-    ensure!(lab.connect("alice", "wrong").is_err(), "wrong password accepted");
+    ensure!(
+        lab.connect("alice", "wrong").is_err(),
+        "wrong password accepted"
+    );
     save(&dir, "ip-bans", &occtl(&["-j", "show", "ip", "bans"])?)?;
     save(
         &dir,
@@ -297,7 +323,10 @@ fn capture_fixtures() -> Result<()> {
             "src",
             &addr,
         ])?;
-        ensure!(lab.connect("alice", "wrong").is_err(), "wrong password accepted");
+        ensure!(
+            lab.connect("alice", "wrong").is_err(),
+            "wrong password accepted"
+        );
     }
 
     // Let the events stream see the disconnect, then ask it to quit.
@@ -337,7 +366,11 @@ fn capture_fixtures() -> Result<()> {
         &format!("{}/32", lab.server_addr),
     ])?;
     let _f = lab.connect("bob", "pw-bob")?;
-    save(&dir, "user-no-routes", &lab.occtl(&["-j", "show", "user", "bob"])?)?;
+    save(
+        &dir,
+        "user-no-routes",
+        &lab.occtl(&["-j", "show", "user", "bob"])?,
+    )?;
 
     // A socket nobody listens on.
     let missing = lab.dir.join("no-such.socket");
