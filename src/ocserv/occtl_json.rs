@@ -944,3 +944,361 @@ pub fn iroutes(input: &[u8], command: &'static str) -> CtlResult<Extracted<UserI
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn obj(v: &Value) -> &[(String, Value)] {
+        match v {
+            Value::Object(m) => m,
+            other => panic!("not an object: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn quirk1_trailing_comma_in_object() {
+        let v = parse_one(b"[ {\n \"in_use\":  1,\n  }\n]").unwrap();
+        let Value::Array(items) = v else { panic!() };
+        assert_eq!(items[0].get("in_use"), Some(&Value::Int(1)));
+    }
+
+    #[test]
+    fn quirk2_stray_brace_comma_before_bracket() {
+        let v = parse_one(b"[\n  {\n \"a\": 1,\n  },\n\n  {\n \"a\": 2,\n  },\n]\n").unwrap();
+        let Value::Array(items) = v else { panic!() };
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].get("a"), Some(&Value::Int(2)));
+    }
+
+    #[test]
+    fn quirk3_iroutes_run_together_and_empty() {
+        let input = br#"
+  {
+    "ID":  10,
+    "Username":  "bob",
+    "Device":  "vpns0",
+    "IP":  "10.0.0.2",
+    "iRoutes":	["192.168.50.0/255.255.255.0"],
+    "IP":  "10.0.0.2"
+    "ID":  11,
+    "Username":  "erin",
+    "Device":  "vpns1",
+    "IP":  "10.0.0.3",
+    "iRoutes":	[],
+    "IP":  "10.0.0.3"
+  }
+"#;
+        let r = iroutes(input, "show iroutes").unwrap();
+        assert_eq!(r.items.len(), 2);
+        assert_eq!(r.items[0].id, 10);
+        assert_eq!(r.items[0].iroutes, ["192.168.50.0/255.255.255.0"]);
+        assert_eq!(r.items[1].username, "erin");
+        assert_eq!(r.items[1].vpn_ip, Some("10.0.0.3".parse().unwrap()));
+        assert!(r.items[1].iroutes.is_empty());
+        let empty = iroutes(b"  {\n  }\n", "show iroutes").unwrap();
+        assert!(empty.items.is_empty() && empty.skipped.is_empty());
+    }
+
+    #[test]
+    fn quirk4_trailing_comma_in_bans() {
+        let b = bans(
+            b"[\n  {\n \"IP\": \"10.1.1.1\",\n \"Score\": 30\n  },\n]\n",
+            "show ip bans",
+        )
+        .unwrap();
+        assert_eq!(b.items.len(), 1);
+        assert_eq!(b.items[0].score, 30);
+        assert_eq!(b.items[0].ip, "10.1.1.1".parse::<IpAddr>().unwrap());
+    }
+
+    const USER: &str = r#"[ {
+    "ID":  3478,
+    "Username":  "carol",
+    "Groupname":  "(none)",
+    "State":  "connected",
+    "Device":  "vpns4",
+    "MTU":  "1434",
+    "Remote IP":  "10.231.160.2",
+    "IPv4":  "10.232.160.36",
+    "P-t-P IPv4":  "10.232.160.1",
+    "Limit RX":  "250.0 KB/sec",
+    "TX":  "400.0 KB/sec",
+    "RX":  "48",
+    "TX":  "200",
+    "Connected at":  "2026-11-26 21:06",
+    "_Connected at":  "    1s",
+    "Full session":  "GDnAGg6Vqa8411Hw9xjkUEGvwSg=",
+    "DNS":	["10.0.0.53"],
+    "Routes":	[],
+    "Routes":  "defaultroute",
+    "Restricted to routes":  "False"
+  } ]"#;
+
+    #[test]
+    fn quirk5_duplicate_tx_keeps_limit_and_counter() {
+        let v = parse_one(USER.as_bytes()).unwrap();
+        let Value::Array(items) = &v else { panic!() };
+        let txs: Vec<_> = items[0].get_all("TX").collect();
+        assert_eq!(txs.len(), 2, "both TX members are kept in order");
+        let l = sessions(USER.as_bytes(), "show users", 0, None).unwrap();
+        let s = &l.sessions[0];
+        assert_eq!(
+            s.session.counters,
+            Some(ByteCounters {
+                bytes_in: 48,
+                bytes_out: 200
+            })
+        );
+        assert_eq!(s.limit_rx.as_deref(), Some("250.0 KB/sec"));
+        assert_eq!(s.limit_tx.as_deref(), Some("400.0 KB/sec"));
+    }
+
+    #[test]
+    fn quirk6_duplicate_routes_means_default_route() {
+        let l = sessions(USER.as_bytes(), "show users", 0, None).unwrap();
+        let s = &l.sessions[0];
+        assert!(s.default_route);
+        assert!(s.session.routes.is_empty());
+        let with_routes = USER.replace(r#""Routes":	[]"#, r#""Routes":	["10.0.0.0/255.0.0.0"]"#);
+        let l = sessions(with_routes.as_bytes(), "show users", 0, None).unwrap();
+        assert_eq!(l.sessions[0].session.routes, ["10.0.0.0/255.0.0.0"]);
+        assert!(!l.sessions[0].default_route);
+    }
+
+    #[test]
+    fn quirk7_mangled_names_are_flagged() {
+        let input = USER.replace("\"carol\"", r#""j\u00ff\u00ffrgen""#);
+        let l = sessions(input.as_bytes(), "show users", 0, None).unwrap();
+        assert_eq!(l.sessions[0].session.username, "j\u{ff}\u{ff}rgen");
+        assert!(l.sessions[0].name_mangled);
+        let clean = sessions(USER.as_bytes(), "show users", 0, None).unwrap();
+        assert!(!clean.sessions[0].name_mangled);
+    }
+
+    #[test]
+    fn quirk8_unescaped_array_values_and_invalid() {
+        // A backslash and a control byte inside an array value: kept, not fatal.
+        let v =
+            parse_one(b"{\"DNS\": [\"a\\qb\", \"c\td\"], \"Hostname\": \"(invalid)\"}").unwrap();
+        assert_eq!(v.get("DNS").unwrap().string_items(), ["a\\qb", "c\td"]);
+        assert_eq!(v.get("Hostname").unwrap().as_str(), Some("(invalid)"));
+        // Invalid UTF-8 is replaced, not an error.
+        let v = parse_one(b"{\"a\": \"\xff\xfe\"}").unwrap();
+        assert_eq!(v.get("a").unwrap().as_str(), Some("\u{fffd}\u{fffd}"));
+    }
+
+    #[test]
+    fn quirk9_string_numbers_and_booleans() {
+        let v = parse_one(br#"{"MTU": "1434", "B": "True", "C": "False", "N": 5, "X": "1.5"}"#)
+            .unwrap();
+        assert_eq!(v.get("MTU").unwrap().as_u64(), Some(1434));
+        assert_eq!(v.get("B").unwrap().as_bool(), Some(true));
+        assert_eq!(v.get("C").unwrap().as_bool(), Some(false));
+        assert_eq!(v.get("N").unwrap().as_u64(), Some(5));
+        assert_eq!(v.get("X").unwrap().as_u64(), None);
+        let l = sessions(USER.as_bytes(), "show users", 0, None).unwrap();
+        assert_eq!(l.sessions[0].session.mtu, Some(1434));
+        assert_eq!(l.sessions[0].session.groupname, "");
+    }
+
+    #[test]
+    fn quirk10_several_documents_with_text() {
+        let d = parse_documents(
+            b"[\n]\n\nPress 'q' or CTRL+C to quit\n\n[ {\"ID\": 1} ]\n[ {\"ID\": 2} ]\n",
+        )
+        .unwrap();
+        assert_eq!(d.values.len(), 3);
+        assert_eq!(d.text, ["Press 'q' or CTRL+C to quit"]);
+        // A stream stopped mid-document keeps the complete ones.
+        let e = events(
+            b"[\n]\ntext\n[ {\"ID\": 7, \"Username\": \"a\"} ]\n[ {\"ID\": 8,",
+            "show events",
+            0,
+            None,
+        )
+        .unwrap();
+        assert!(e.initial.sessions.is_empty());
+        assert_eq!(e.updates.sessions.len(), 1);
+        assert_eq!(e.updates.sessions[0].session.id, 7);
+    }
+
+    #[test]
+    fn duplicate_keys_keep_order() {
+        let v = parse_one(br#"{"k": 1, "k": "two", "other": null, "k": [3]}"#).unwrap();
+        let keys: Vec<&str> = obj(&v).iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["k", "k", "other", "k"]);
+        let ks: Vec<&Value> = v.get_all("k").collect();
+        assert_eq!(
+            ks,
+            [
+                &Value::Int(1),
+                &Value::String("two".into()),
+                &Value::Array(vec![Value::Int(3)])
+            ]
+        );
+    }
+
+    #[test]
+    fn escapes_and_surrogates() {
+        let v = parse_one(br#"["a\"b\\c\/\n\u00e9\ud83d\ude00\u12"]"#).unwrap();
+        let Value::Array(items) = v else { panic!() };
+        assert_eq!(items[0].as_str(), Some("a\"b\\c/\n\u{e9}\u{1f600}\\u12"));
+    }
+
+    #[test]
+    fn errors_have_offsets_and_limits_hold() {
+        let e = parse_one(b"[ {\"a\" 1} ]").unwrap_err();
+        assert_eq!(e.offset, 7, "{e}");
+        assert!(e.reason.contains("':'"), "{e}");
+        let e = parse_one(b"[\"abc").unwrap_err();
+        assert!(e.reason.contains("unterminated string"), "{e}");
+        let deep = "[".repeat(MAX_DEPTH + 5);
+        let e = parse_one(deep.as_bytes()).unwrap_err();
+        assert!(e.reason.contains("nesting"), "{e}");
+        let big = vec![b' '; MAX_INPUT + 1];
+        assert!(parse_one(&big).unwrap_err().reason.contains("limit"));
+        assert!(parse_one(b"   \n").unwrap_err().reason.contains("no JSON"));
+        let err = sessions(b"[ {", "show users", 0, None).unwrap_err();
+        assert!(
+            matches!(&err, CtlError::Protocol { command: "show users", reason } if reason.contains("byte")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn entries_without_id_are_skipped_with_reason() {
+        let l = sessions(
+            br#"[ {"ID": "x", "Username": "a"}, 5, {"Username": "b"}, {"ID": 9, "Username": "c"} ]"#,
+            "show users",
+            0,
+            None,
+        )
+        .unwrap();
+        assert_eq!(l.sessions.len(), 1);
+        assert_eq!(l.sessions[0].session.id, 9);
+        assert_eq!(l.skipped.len(), 3);
+        assert_eq!(l.skipped[0].index, 0);
+        assert!(l.skipped[0].reason.contains("ID"));
+        assert!(l.skipped[1].reason.contains("not an object"));
+        let b = bans(br#"[ {"IP": "nope", "Score": 1} ]"#, "show ip bans").unwrap();
+        assert!(b.items.is_empty() && b.skipped[0].reason.contains("IP"));
+    }
+
+    #[test]
+    fn elapsed_and_local_time() {
+        assert_eq!(parse_elapsed("    1s"), Some(1));
+        assert_eq!(parse_elapsed(" 3m:07s"), Some(187));
+        assert_eq!(parse_elapsed(" 2h:05m"), Some(7500));
+        assert_eq!(parse_elapsed(" 3days"), Some(3 * 86_400));
+        assert_eq!(parse_elapsed("   ?   "), None);
+        assert_eq!(parse_elapsed(""), None);
+        assert_eq!(parse_local_time("1970-01-01 00:00"), Some(0));
+        assert_eq!(parse_local_time("2023-11-14 22:13"), Some(1_699_999_980));
+        assert_eq!(parse_local_time("2023-13-14 22:13"), None);
+        assert_eq!(parse_local_time("garbage"), None);
+    }
+
+    #[test]
+    fn connected_at_learns_the_utc_offset() {
+        // Local time is UTC+02:00; the session connected 61 s before `now`.
+        let started: i64 = 1_700_000_000;
+        let now = (started + 61) as u64;
+        let local = started + 7200; // 2023-11-15 00:13:20 local
+        assert_eq!(estimate_utc_offset(local - 20, 61, now), Some(7200));
+        let input = format!(
+            r#"[{{"ID": 1, "Connected at": "2023-11-15 00:13", "_Connected at": " 1m:01s"}},
+                {{"ID": 2, "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}}]"#
+        );
+        let l = sessions(input.as_bytes(), "show users", now, None).unwrap();
+        assert_eq!(l.utc_offset, Some(7200));
+        // Minute precision: 22:13:00 UTC.
+        assert_eq!(l.sessions[0].session.connected_at, 1_699_999_980);
+        assert_eq!(
+            l.sessions[1].session.connected_at,
+            parse_local_time("2023-11-10 07:00").unwrap() as u64
+        );
+        // Only old sessions: nothing to learn from, the hint is used; no hint: 0.
+        let old = r#"[{"ID": 2, "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}]"#;
+        let l = sessions(old.as_bytes(), "show users", now, Some(3600)).unwrap();
+        assert_eq!(
+            l.sessions[0].session.connected_at,
+            parse_local_time("2023-11-10 08:00").unwrap() as u64
+        );
+        let l = sessions(old.as_bytes(), "show users", now, None).unwrap();
+        assert_eq!(l.sessions[0].session.connected_at, 0);
+        // raw_connected_at (occtl >= 1.2.3) wins.
+        let raw = r#"[{"ID": 3, "raw_connected_at": 1234, "Connected at": "2023-11-10 09:00"}]"#;
+        let l = sessions(raw.as_bytes(), "show users", now, Some(0)).unwrap();
+        assert_eq!(l.sessions[0].session.connected_at, 1234);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_text(s in "\\PC{0,300}") {
+            let _ = parse_documents(s.as_bytes());
+            let _ = sessions(s.as_bytes(), "show users", 1_700_000_000, None);
+            let _ = iroutes(s.as_bytes(), "show iroutes");
+            let _ = cookies(s.as_bytes(), "show sessions all", Some(0));
+            let _ = bans(s.as_bytes(), "show ip bans");
+            let _ = status(s.as_bytes(), "show status");
+            let _ = events(s.as_bytes(), "show events", 0, None);
+            let _ = parse_elapsed(&s);
+            let _ = parse_local_time(&s);
+        }
+
+        #[test]
+        fn never_panics_on_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_documents(&b);
+            let _ = sessions(&b, "show users", u64::MAX, Some(i64::MIN + 1));
+        }
+
+        #[test]
+        fn never_panics_on_json_like_text(s in "[\\[\\]{}\",:a-z0-9 \\\\u\\n-]{0,200}") {
+            let _ = parse_documents(s.as_bytes());
+            let _ = iroutes(s.as_bytes(), "show iroutes");
+            let _ = sessions(s.as_bytes(), "show users", 0, None);
+        }
+
+        #[test]
+        fn valid_json_parses_like_serde(v in arb_json()) {
+            // Documents start with `[` or `{` (top-level scalars are text lines to occtl output).
+            let text = serde_json::to_string_pretty(&[&v]).unwrap();
+            let ours = parse_one(text.as_bytes()).unwrap();
+            prop_assert_eq!(ours, Value::Array(vec![from_serde(&v)]));
+        }
+    }
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|i| serde_json::json!(i)),
+            "\\PC{0,12}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                proptest::collection::btree_map("[a-zA-Z ]{0,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn from_serde(v: &serde_json::Value) -> Value {
+        match v {
+            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Bool(b) => Value::Bool(*b),
+            serde_json::Value::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(0.0)),
+            },
+            serde_json::Value::String(s) => Value::String(s.clone()),
+            serde_json::Value::Array(a) => Value::Array(a.iter().map(from_serde).collect()),
+            serde_json::Value::Object(m) => {
+                Value::Object(m.iter().map(|(k, v)| (k.clone(), from_serde(v))).collect())
+            }
+        }
+    }
+}
