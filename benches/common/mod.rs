@@ -1,0 +1,614 @@
+//! Shared code of the benchmarks (DESIGN §6 targets): a small timing harness, a fake ocserv that
+//! speaks ocserv's real control protocol, and helpers to run the real agent binary as a child.
+//!
+//! Role: every bench binary (`harness = false`) includes this with `mod common;`. Not every bench
+//! uses every helper, hence `dead_code` is allowed here.
+//!
+//! Timing: samples are wall-clock [`Duration`]s; [`Summary`] reports min, median, p99 and max by
+//! the nearest-rank method (p99 of 200 samples is the 198th smallest), plus the mean.
+//!
+//! Fake ocserv ([`FakeOcserv`]): a Unix socket in its own temp dir, served on a dedicated OS
+//! thread with its own single-threaded tokio runtime, so it never competes with the agent's
+//! runtime for worker slots (it does share the machine's two cores). Requests are read with the
+//! agent's own [`codec::FrameDecoder`]; replies are framed with [`codec::encode_frame`] from the
+//! prost types of `ocserv_ctl`. It answers STATUS, LIST, USER_INFO, ID_INFO, DISCONNECT_*,
+//! TERMINATE_*, LIST_BANNED, UNBAN_IP, RELOAD and LIST_COOKIES, and closes the connection on any
+//! other command, as ocserv 1.1.6 does with commands it does not know. The LIST reply is encoded
+//! once per session set, so the fake's own cost stays out of the agent's figures.
+//!
+//! Failure behaviour: set-up failures panic with a message naming what failed (a benchmark that
+//! cannot set up has nothing to measure); the fake answers malformed requests by closing.
+//! Everything started here is stopped on drop (fake thread joined, child agent SIGKILLed and
+//! reaped, temp dirs removed). Only loopback and Unix sockets are used.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use ocserv_agent::ocserv::codec;
+use ocserv_agent::proto::ocserv_ctl as pb;
+use prost::Message;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+/// True when the binary was started by `cargo bench` (which passes `--bench`). Anything else
+/// (`cargo test --all-targets`, nextest listing tests with `--list`) gets no benchmark run and an
+/// empty test list, so test runners never start labs or agents by accident.
+pub fn invoked_as_bench() -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--bench") {
+        return true;
+    }
+    if !args.iter().any(|a| a == "--list") {
+        eprintln!("benchmark binary: run it with `cargo bench --bench <name>`; nothing to do");
+    }
+    false
+}
+
+/// min / median / p99 / max / mean of a set of samples.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    pub n: usize,
+    pub min: Duration,
+    pub median: Duration,
+    pub p99: Duration,
+    pub max: Duration,
+    pub mean: Duration,
+}
+
+/// Nearest-rank percentile of sorted samples (`q` in 0..=1).
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn summarize(samples: &[Duration]) -> Summary {
+    let mut s = samples.to_vec();
+    s.sort_unstable();
+    let total: Duration = s.iter().sum();
+    Summary {
+        n: s.len(),
+        min: s.first().copied().unwrap_or_default(),
+        median: percentile(&s, 0.5),
+        p99: percentile(&s, 0.99),
+        max: s.last().copied().unwrap_or_default(),
+        mean: if s.is_empty() {
+            Duration::ZERO
+        } else {
+            total / s.len() as u32
+        },
+    }
+}
+
+/// A duration with three significant digits in a fitting unit.
+pub fn fmt_d(d: Duration) -> String {
+    let ns = d.as_nanos() as f64;
+    let (v, unit) = if ns < 1e3 {
+        (ns, "ns")
+    } else if ns < 1e6 {
+        (ns / 1e3, "µs")
+    } else if ns < 1e9 {
+        (ns / 1e6, "ms")
+    } else {
+        (ns / 1e9, "s")
+    };
+    let digits = if v >= 100.0 {
+        0
+    } else if v >= 10.0 {
+        1
+    } else {
+        2
+    };
+    format!("{v:.digits$} {unit}")
+}
+
+pub fn print_header() {
+    println!(
+        "{:<44} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "what", "n", "min", "median", "p99", "max", "mean"
+    );
+}
+
+/// Prints one distribution as a table row and returns its summary.
+pub fn report(label: &str, samples: &[Duration]) -> Summary {
+    let s = summarize(samples);
+    println!(
+        "{:<44} {:>5} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        label,
+        s.n,
+        fmt_d(s.min),
+        fmt_d(s.median),
+        fmt_d(s.p99),
+        fmt_d(s.max),
+        fmt_d(s.mean)
+    );
+    s
+}
+
+/// Today's date (UTC) as YYYY-MM-DD, for the printed record.
+pub fn today() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86_400)
+        .unwrap_or(0) as i64;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Prints what the figures were measured on.
+pub fn print_machine(bench: &str) {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let profile = if cfg!(debug_assertions) {
+        "debug (figures not representative)"
+    } else {
+        "release"
+    };
+    println!(
+        "# {bench} on {} — {cpus} CPU(s), {model}, {profile} build",
+        today()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake ocserv
+
+/// What the fake's sessions report as their tun device, which decides what reading byte
+/// counters costs the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Devices {
+    /// `vpns<N>`, which does not exist here, with IDs that are no live PIDs: each counter read
+    /// is a failed sysfs lookup plus a failed procfs open (counters stay unknown).
+    Missing,
+    /// `lo`: each counter read succeeds from `/sys/class/net/lo/statistics`, the same two file
+    /// reads the agent makes per session when it runs in ocserv's network namespace.
+    Loopback,
+}
+
+/// IDs start here: above Linux's largest possible PID (2^22), so no fake ID names a process.
+pub const FAKE_ID_BASE: i32 = 10_000_000;
+
+/// Sessions per user in the fake: users `user00000` .. each own two sessions.
+pub const SESSIONS_PER_USER: usize = 2;
+
+pub fn fake_username(i: usize) -> String {
+    format!("user{:05}", i / SESSIONS_PER_USER)
+}
+
+/// One `user_info_rep` with every field ocserv 1.1.6 fills for a connected session.
+pub fn fake_session(i: usize, devices: Devices) -> pb::UserInfoRep {
+    let n = i as u32;
+    let (a, b) = ((n >> 8) & 0xff, n & 0xff);
+    let mut safe_id = format!("{:0>27}=", format!("S{i}")).into_bytes();
+    safe_id.push(0);
+    pb::UserInfoRep {
+        id: Some(FAKE_ID_BASE + i as i32),
+        username: Some(fake_username(i).into_bytes()),
+        groupname: Some(b"staff".to_vec()),
+        ip: Some(format!("198.51.{a}.{b}")),
+        tun: Some(match devices {
+            Devices::Missing => format!("vpns{i}"),
+            Devices::Loopback => "lo".to_owned(),
+        }),
+        remote_ip: Some("10.64.0.1".into()),
+        local_ip: Some(format!("10.64.{a}.{b}")),
+        conn_time: Some(1_700_000_000 + u64::from(n)),
+        hostname: Some(format!("laptop-{i}").into_bytes()),
+        user_agent: Some(b"Open AnyConnect VPN Agent v9.12-unknown".to_vec()),
+        status: Some(4),
+        tls_ciphersuite: Some(
+            "(TLS1.3)-(ECDHE-SECP256R1)-(RSA-PSS-RSAE-SHA256)-(AES-256-GCM)".into(),
+        ),
+        dtls_ciphersuite: Some("(DTLS1.2)-(ECDHE-ECDSA)-(AES-256-GCM)".into()),
+        rx_per_sec: Some(1200),
+        tx_per_sec: Some(3400),
+        dns: vec!["10.64.0.53".into()],
+        routes: vec![
+            "10.0.0.0/255.0.0.0".into(),
+            "192.168.0.0/255.255.0.0".into(),
+        ],
+        mtu: Some(1400),
+        cstp_compr: Some(String::new()),
+        dtls_compr: Some(String::new()),
+        local_dev_ip: Some("10.64.0.1".into()),
+        dpd: Some(90),
+        keepalive: Some(32400),
+        restrict_to_routes: Some(false),
+        safe_id: Some(safe_id),
+        vhost: Some(b"default".to_vec()),
+        session_start_time: Some(1_700_000_000 + u64::from(n)),
+        ..Default::default()
+    }
+}
+
+struct Catalog {
+    users: Arc<Vec<pb::UserInfoRep>>,
+    /// The whole LIST reply frame, encoded once.
+    list_frame: Arc<Vec<u8>>,
+}
+
+fn catalog(n: usize, devices: Devices) -> Catalog {
+    let users: Vec<_> = (0..n).map(|i| fake_session(i, devices)).collect();
+    let body = pb::UserListRep {
+        user: users.clone(),
+    }
+    .encode_to_vec();
+    Catalog {
+        users: Arc::new(users),
+        list_frame: Arc::new(codec::encode_frame(104, &body)),
+    }
+}
+
+/// A fake ocserv control socket. See the module docs.
+pub struct FakeOcserv {
+    pub socket: PathBuf,
+    catalog: Arc<RwLock<Catalog>>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeOcserv {
+    /// Starts serving `n` sessions; returns once the socket accepts.
+    pub fn start(n: usize, devices: Devices) -> FakeOcserv {
+        let dir = tempfile::tempdir().expect("fake ocserv: creating its temp dir");
+        let socket = dir.path().join("occtl.socket");
+        let catalog = Arc::new(RwLock::new(catalog(n, devices)));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (path, cat) = (socket.clone(), catalog.clone());
+        let thread = std::thread::Builder::new()
+            .name("fake-ocserv".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("fake ocserv: building its runtime");
+                rt.block_on(async move {
+                    let listener = tokio::net::UnixListener::bind(&path)
+                        .expect("fake ocserv: binding the control socket");
+                    let _ = ready_tx.send(());
+                    let accept = async {
+                        while let Ok((conn, _)) = listener.accept().await {
+                            tokio::spawn(serve(conn, cat.clone()));
+                        }
+                    };
+                    tokio::select! {
+                        _ = accept => {}
+                        _ = stop_rx => {}
+                    }
+                });
+            })
+            .expect("fake ocserv: spawning its thread");
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("fake ocserv: socket bound");
+        FakeOcserv {
+            socket,
+            catalog,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    /// Replaces the session set (the next LIST sees it).
+    pub fn set_sessions(&self, n: usize, devices: Devices) {
+        let c = catalog(n, devices);
+        *self.catalog.write().expect("fake ocserv catalog lock") = c;
+    }
+
+    /// Bytes of the current LIST reply frame.
+    pub fn list_reply_len(&self) -> usize {
+        self.catalog
+            .read()
+            .expect("fake ocserv catalog lock")
+            .list_frame
+            .len()
+    }
+}
+
+impl Drop for FakeOcserv {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bool_frame(code: u8, status: bool) -> Vec<u8> {
+    codec::encode_frame(
+        code,
+        &pb::BoolMsg {
+            status: Some(status),
+        }
+        .encode_to_vec(),
+    )
+}
+
+fn list_frame(users: impl Iterator<Item = pb::UserInfoRep>) -> Vec<u8> {
+    codec::encode_frame(
+        104,
+        &pb::UserListRep {
+            user: users.collect(),
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// One connection: one request frame, one reply (or a close), as ocserv does.
+async fn serve(mut conn: tokio::net::UnixStream, catalog: Arc<RwLock<Catalog>>) {
+    let mut decoder = codec::FrameDecoder::with_max_body(codec::MAX_REQUEST_BODY);
+    let mut chunk = [0u8; 512];
+    let frame = loop {
+        match decoder.next_frame() {
+            Ok(Some(f)) => break f,
+            Ok(None) => {}
+            Err(_) => return,
+        }
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => decoder.push(&chunk[..n]),
+        }
+    };
+    let (users, list) = {
+        let c = catalog.read().expect("fake ocserv catalog lock");
+        (c.users.clone(), c.list_frame.clone())
+    };
+    let by_name = |body: &[u8]| {
+        pb::UsernameReq::decode(body)
+            .ok()
+            .and_then(|r| r.username)
+            .unwrap_or_default()
+    };
+    let by_id = |body: &[u8]| pb::IdReq::decode(body).ok().and_then(|r| r.id);
+    let reply: Vec<u8> = match frame.code {
+        1 => codec::encode_frame(
+            101,
+            &pb::StatusRep {
+                status: Some(true),
+                pid: Some(4242),
+                sec_mod_pids: vec![4243],
+                active_clients: Some(users.len() as u32),
+                start_time: Some(1_700_000_000),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        4 => {
+            let _ = conn.write_all(&list).await;
+            return;
+        }
+        5 => {
+            let name = by_name(&frame.body);
+            list_frame(
+                users
+                    .iter()
+                    .filter(|u| u.username.as_deref() == Some(name.as_bytes()))
+                    .cloned(),
+            )
+        }
+        6 => {
+            let id = by_id(&frame.body);
+            list_frame(users.iter().filter(|u| u.id == id).take(1).cloned())
+        }
+        7 | 13 => {
+            let name = by_name(&frame.body);
+            let found = users
+                .iter()
+                .any(|u| u.username.as_deref() == Some(name.as_bytes()));
+            bool_frame(if frame.code == 7 { 105 } else { 111 }, found)
+        }
+        8 | 14 => {
+            let id = by_id(&frame.body);
+            let found = users.iter().any(|u| u.id == id);
+            bool_frame(if frame.code == 8 { 106 } else { 112 }, found)
+        }
+        2 => bool_frame(102, true),
+        9 => codec::encode_frame(108, &pb::BanListRep { info: vec![] }.encode_to_vec()),
+        10 => bool_frame(107, false),
+        12 => codec::encode_frame(
+            110,
+            &pb::SecmListCookiesReplyMsg { cookies: vec![] }.encode_to_vec(),
+        ),
+        // Unknown to ocserv 1.1.6: closed without a reply.
+        _ => return,
+    };
+    let _ = conn.write_all(&reply).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loopback helpers and the agent as a child process
+
+/// A free loopback port (bound, read, released: a tiny race is acceptable in a benchmark).
+pub fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0 to find a free port")
+}
+
+/// A bare HTTP/1.0 GET on loopback; the status code, or `None` when it could not be done.
+pub fn http_status(addr: SocketAddr, path: &str, timeout: Duration) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
+    s.set_read_timeout(Some(timeout)).ok()?;
+    s.set_write_timeout(Some(timeout)).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `VmRSS` and `VmHWM` (peak) of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// The real agent binary, run as a child process against a control socket.
+pub struct ChildAgent {
+    pub child: Child,
+    /// Taken right before the process was spawned.
+    pub started: Instant,
+    pub grpc: SocketAddr,
+    pub metrics: SocketAddr,
+    pub log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The agent binary cargo built for this bench run (release profile under `cargo bench`).
+pub fn agent_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ocserv-agent"))
+}
+
+impl ChildAgent {
+    /// Spawns `ocserv-agent --config <empty file> run` with env overrides pointing it at
+    /// `socket` and free loopback ports. The empty config file keeps a host's
+    /// `/etc/ocserv-agent/agent.toml` out of the measurement.
+    pub fn spawn(socket: &Path, extra_env: &[(&str, &str)]) -> ChildAgent {
+        let dir = tempfile::tempdir().expect("child agent: temp dir");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            "# benchmark: embedded defaults plus env overrides\n",
+        )
+        .expect("child agent: writing its config file");
+        let log = dir.path().join("agent.log");
+        let log_file = std::fs::File::create(&log).expect("child agent: log file");
+        let (grpc, metrics) = (free_port(), free_port());
+        let mut cmd = Command::new(agent_binary());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("OCSERV_AGENT__") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("OCSERV_AGENT__OCSERV__CONTROL_SOCKET", socket)
+            .env("OCSERV_AGENT__GRPC__LISTEN", grpc.to_string())
+            .env("OCSERV_AGENT__METRICS__LISTEN", metrics.to_string())
+            .env("OCSERV_AGENT__LOG__LEVEL", "warn")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file));
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot run the agent binary {}: {e}",
+                agent_binary().display()
+            )
+        });
+        ChildAgent {
+            child,
+            started,
+            grpc,
+            metrics,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Polls `/readyz` every `poll` until it answers 200; the time from `since`, or `None` at
+    /// the deadline or when the process exited.
+    pub fn wait_ready(
+        &mut self,
+        since: Instant,
+        poll: Duration,
+        limit: Duration,
+    ) -> Option<Duration> {
+        loop {
+            if http_status(self.metrics, "/readyz", Duration::from_millis(500)) == Some(200) {
+                return Some(since.elapsed());
+            }
+            if since.elapsed() > limit || !matches!(self.child.try_wait(), Ok(None)) {
+                return None;
+            }
+            std::thread::sleep(poll);
+        }
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait for the exit (SIGKILL after 10 s); the time it took to exit.
+    pub fn stop(&mut self) -> Duration {
+        let t = Instant::now();
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if t.elapsed() > Duration::from_secs(10) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        t.elapsed()
+    }
+}
+
+impl Drop for ChildAgent {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! Being written.
+mod common;
+
+fn main() {
+    if !common::invoked_as_bench() {}
+}
