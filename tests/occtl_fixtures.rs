@@ -73,7 +73,7 @@ fn capture_fixtures() -> Result<()> {
     let dir = fixture_dir();
     fs::create_dir_all(&dir)?;
     let utf8 = "jürgen";
-    let users = vec![
+    let users = [
         LabUser::new("alice", "pw-alice").in_group("staff"),
         LabUser::new("bob", "pw-bob"),
         LabUser::new(utf8, "pw-jürgen"),

@@ -717,3 +717,125 @@ impl OcservBackend for OcctlBackend {
             .collect())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn allowlist_accepts_and_reserializes() {
+        let (label, argv) = allowlisted(&words("show ip ban points")).unwrap();
+        assert_eq!(label, "show ip ban points");
+        assert_eq!(argv, words("show ip ban points"));
+        let (_, argv) = allowlisted(&words("unban ip 2001:db8:0::1")).unwrap();
+        assert_eq!(argv, words("unban ip 2001:db8::1"));
+        let (_, argv) = allowlisted(&words("disconnect id 0042")).unwrap();
+        assert_eq!(argv, words("disconnect id 42"));
+        assert_eq!(
+            allowlisted(&words("show sessions valid")).unwrap().0,
+            "show sessions valid"
+        );
+    }
+
+    #[test]
+    fn allowlist_refuses_with_invalid_argument() {
+        for bad in [
+            "show events",
+            "stop now",
+            "show",
+            "show user",
+            "show user a b",
+            "show status extra",
+            "sh users",
+            "show user ?",
+            "show user help",
+            "show user -x",
+            "disconnect id 0",
+            "disconnect id -1",
+            "disconnect id 4294967295",
+            "unban ip 10.0.0.300",
+            "show session ../x",
+            "reset",
+        ] {
+            let e = allowlisted(&words(bad)).unwrap_err();
+            assert!(matches!(e, CtlError::InvalidArgument { .. }), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn stderr_cleaning_drops_counter_warnings() {
+        assert_eq!(
+            clean_stderr(
+                "nl: cannot find vpns0\nerror connecting to ocserv socket 'x': No such file\n"
+            ),
+            "error connecting to ocserv socket 'x': No such file"
+        );
+    }
+
+    #[tokio::test]
+    async fn names_are_checked_before_exec() {
+        // The binary does not exist: a validation error proves nothing was exec'd.
+        let b = OcctlBackend::new(
+            "/nonexistent/occtl".into(),
+            "/nonexistent.sock".into(),
+            Duration::from_secs(1),
+        );
+        for name in ["?", "help", "a/b", "-rf", "a b", ""] {
+            let e = b.disconnect_name(name).await.unwrap_err();
+            assert!(
+                matches!(e, CtlError::InvalidArgument { .. }),
+                "{name:?}: {e}"
+            );
+        }
+        assert!(matches!(
+            b.id_info(0).await,
+            Err(CtlError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            b.session("bad sid").await,
+            Err(CtlError::InvalidArgument { .. })
+        ));
+        assert!(matches!(
+            b.events(MAX_EVENTS_DURATION + Duration::from_secs(1)).await,
+            Err(CtlError::InvalidArgument { .. })
+        ));
+        let e = b.list().await.unwrap_err();
+        assert!(
+            matches!(&e, CtlError::OcctlMissing { path, .. } if path == "/nonexistent/occtl"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_a_hanging_occtl() {
+        // A stand-in "occtl" that never answers (a test-only script; the backend itself never
+        // runs a shell).
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("occtl");
+        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let b = OcctlBackend::new(
+            script,
+            "/nonexistent.sock".into(),
+            Duration::from_millis(300),
+        );
+        let started = std::time::Instant::now();
+        let e = b.status().await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                CtlError::Timeout {
+                    command: "show status",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}

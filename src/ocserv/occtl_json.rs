@@ -1207,10 +1207,8 @@ mod tests {
         let now = (started + 61) as u64;
         let local = started + 7200; // 2023-11-15 00:13:20 local
         assert_eq!(estimate_utc_offset(local - 20, 61, now), Some(7200));
-        let input = format!(
-            r#"[{{"ID": 1, "Connected at": "2023-11-15 00:13", "_Connected at": " 1m:01s"}},
-                {{"ID": 2, "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}}]"#
-        );
+        let input = r#"[{"ID": 1, "Connected at": "2023-11-15 00:13", "_Connected at": " 1m:01s"},
+                {"ID": 2, "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}]"#;
         let l = sessions(input.as_bytes(), "show users", now, None).unwrap();
         assert_eq!(l.utc_offset, Some(7200));
         // Minute precision: 22:13:00 UTC.
