@@ -13,7 +13,7 @@ use ocserv_agent::actors::supervisor::ExitReason;
 use ocserv_agent::actors::{Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY};
 use ocserv_agent::messages::{CtlMsg, RegistryMsg, ServerMsg};
 use ocserv_agent::ocserv::BackendKind;
-use support::agent::{self, wait_for};
+use support::agent;
 use support::lab::{Lab, LabOptions, LabUser};
 
 /// Panics the actor through its `Crash` message (ActorFailed) or kills it (ActorTerminated).
