@@ -5,7 +5,7 @@
 //! connection and request duration are bounded from `[grpc]`. The configuration check refuses a
 //! plaintext bind on anything but loopback; mTLS arrives with a later release.
 //!
-//! The listener is bound once by the supervisor and shared, so a restarted front door accepts on
+//! The listener is bound once at start-up (`app::start`) and shared, so a restarted front door accepts on
 //! the same socket; the server task lives in the actor's state and is aborted with it (connections
 //! already accepted finish on their own tasks).
 
@@ -15,20 +15,16 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use crate::actors::{AbortOnDrop, Context};
+use crate::actors::{accept_on, Context, ServingState};
 use crate::grpc::VpnAgent;
 use crate::messages::ServerMsg;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentServiceServer;
 
 pub struct GrpcFrontDoor;
 
-pub struct FrontDoorState {
-    _server: AbortOnDrop,
-}
-
 impl Actor for GrpcFrontDoor {
     type Msg = ServerMsg;
-    type State = FrontDoorState;
+    type State = ServingState;
     type Arguments = Arc<Context>;
 
     async fn pre_start(
@@ -37,9 +33,7 @@ impl Actor for GrpcFrontDoor {
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let cfg = &ctx.config;
-        let std_listener = ctx.grpc_listener.try_clone()?;
-        std_listener.set_nonblocking(true)?;
-        let incoming = TcpListenerStream::new(tokio::net::TcpListener::from_std(std_listener)?);
+        let incoming = TcpListenerStream::new(accept_on(&ctx.grpc_listener)?);
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter
@@ -65,9 +59,7 @@ impl Actor for GrpcFrontDoor {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
         });
-        Ok(FrontDoorState {
-            _server: server.into(),
-        })
+        Ok(ServingState::new(server))
     }
 
     async fn handle(

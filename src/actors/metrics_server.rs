@@ -4,7 +4,7 @@
 //! - `GET /healthz`: 200 while the process serves (liveness).
 //! - `GET /readyz`: 200 once ocserv answered the agent's last request, else 503 with the reason.
 //!
-//! The listener is bound once by the supervisor; a restarted `MetricsServer` accepts on the same
+//! The listener is bound once at start-up (`app::start`); a restarted `MetricsServer` accepts on the same
 //! socket. The server task lives in the actor's state and is aborted with it.
 
 use std::sync::Arc;
@@ -16,15 +16,11 @@ use axum::routing::get;
 use axum::Router;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::actors::{AbortOnDrop, Context};
+use crate::actors::{accept_on, Context, ServingState};
 use crate::messages::ServerMsg;
 use crate::metrics::Metrics;
 
 pub struct MetricsServer;
-
-pub struct MetricsServerState {
-    _server: AbortOnDrop,
-}
 
 async fn serve_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (
@@ -62,7 +58,7 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 
 impl Actor for MetricsServer {
     type Msg = ServerMsg;
-    type State = MetricsServerState;
+    type State = ServingState;
     type Arguments = Arc<Context>;
 
     async fn pre_start(
@@ -70,18 +66,14 @@ impl Actor for MetricsServer {
         _myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let std_listener = ctx.metrics_listener.try_clone()?;
-        std_listener.set_nonblocking(true)?;
-        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        let listener = accept_on(&ctx.metrics_listener)?;
         let app = router(ctx.metrics.clone());
         let server = tokio::spawn(async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
-        Ok(MetricsServerState {
-            _server: server.into(),
-        })
+        Ok(ServingState::new(server))
     }
 
     async fn handle(

@@ -53,7 +53,7 @@ pub const SESSION_REGISTRY: &str = "session_registry";
 pub const METRICS_SERVER: &str = "metrics_server";
 pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";
 
-/// What every actor is started with. Listeners are bound once by the supervisor and shared, so a
+/// What every actor is started with. Listeners are bound once at start-up (`app::start`) and shared, so a
 /// restarted server actor accepts on the same socket and clients never see the port closed.
 pub struct Context {
     pub config: Arc<Config>,
@@ -102,6 +102,27 @@ where
             }
         }
         tokio::time::sleep(Duration::from_millis(1).min(remaining)).await;
+    }
+}
+
+/// A tokio listener on a clone of a listening socket bound once at start-up: a restarted
+/// server actor accepts on the same socket, so clients never find the port closed.
+pub fn accept_on(shared: &std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    let listener = shared.try_clone()?;
+    listener.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(listener)
+}
+
+/// The state of a server actor: its serving task, aborted when the actor dies.
+pub struct ServingState {
+    _server: AbortOnDrop,
+}
+
+impl ServingState {
+    pub fn new<T>(server: tokio::task::JoinHandle<T>) -> Self {
+        Self {
+            _server: server.into(),
+        }
     }
 }
 
