@@ -89,7 +89,6 @@ async fn answers(name: &'static str, agent: &ocserv_agent::app::Agent) -> bool {
         OCSERV_CTL => matches!(call(OCSERV_CTL, t, true, CtlMsg::Status).await, Ok(Ok(_))),
         SESSION_REGISTRY => call(SESSION_REGISTRY, t, true, |reply| RegistryMsg::Query {
             username: None,
-            refresh_counters: false,
             reply,
         })
         .await

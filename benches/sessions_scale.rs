@@ -190,7 +190,6 @@ async fn latency() {
         let view = call(SESSION_REGISTRY, Duration::from_secs(10), true, |reply| {
             RegistryMsg::Query {
                 username: None,
-                refresh_counters: false,
                 reply,
             }
         })
@@ -203,7 +202,6 @@ async fn latency() {
     let view = call(SESSION_REGISTRY, Duration::from_secs(10), true, |reply| {
         RegistryMsg::Query {
             username: None,
-            refresh_counters: false,
             reply,
         }
     })
@@ -215,7 +213,7 @@ async fn latency() {
         let sessions: Vec<_> = view
             .sessions
             .iter()
-            .map(|s| ocserv_agent::grpc::vpn_session(s, false))
+            .map(|s| ocserv_agent::grpc::vpn_session(s, None))
             .collect();
         map.push(t.elapsed());
         let resp = ocserv_agent::proto::agent::v1::GetActiveSessionsResponse {

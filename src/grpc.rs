@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::actors::{call, CallError, SESSION_REGISTRY};
 use crate::messages::{CtlMsg, RegistryMsg, SessionsView};
 use crate::metrics::Metrics;
-use crate::ocserv::{CtlError, DisconnectOutcome, Session};
+use crate::ocserv::{counters, ByteCounters, CtlError, DisconnectOutcome, Session};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentService;
 
@@ -89,8 +89,9 @@ fn timestamp(unix: u64) -> Option<prost_types::Timestamp> {
 }
 
 /// One registry session as the portal sees it. `session_id` is ocserv's ID; the 28-character
-/// session id and other details go into `metadata`.
-pub fn vpn_session(s: &Session, include_stats: bool) -> pb::VpnSession {
+/// session id and other details go into `metadata` (kept small: a 10 000-session reply must fit
+/// a default gRPC client's 4 MiB message limit; cipher suites are left to `occtl`).
+pub fn vpn_session(s: &Session, counters: Option<ByteCounters>) -> pb::VpnSession {
     let mut metadata = HashMap::new();
     let mut put = |k: &str, v: String| {
         if !v.is_empty() {
@@ -108,13 +109,7 @@ pub fn vpn_session(s: &Session, include_stats: bool) -> pb::VpnSession {
         "vpn_ipv6",
         s.vpn_ipv6.map(|a| a.to_string()).unwrap_or_default(),
     );
-    put("tls_ciphersuite", s.tls_ciphersuite.clone());
-    put("dtls_ciphersuite", s.dtls_ciphersuite.clone());
-    let counters = if include_stats {
-        s.counters.unwrap_or_default()
-    } else {
-        Default::default()
-    };
+    let counters = counters.unwrap_or_default();
     pb::VpnSession {
         session_id: s.id.to_string(),
         username: s.username.clone(),
@@ -212,7 +207,6 @@ impl VpnAgent {
         let view: SessionsView = call(SESSION_REGISTRY, self.call_timeout, true, |reply| {
             RegistryMsg::Query {
                 username: username.clone(),
-                refresh_counters: include_stats,
                 reply,
             }
         })
@@ -226,11 +220,25 @@ impl VpnAgent {
                     .unwrap_or("first reconcile under way")
             )));
         }
-        let sessions: Vec<_> = view
-            .sessions
-            .iter()
-            .map(|s| vpn_session(s, include_stats))
-            .collect();
+        let sessions = if include_stats {
+            // Fresh counters from the tun devices, read here on a blocking thread rather than in
+            // the registry, so a large query never holds up the registry's mailbox.
+            tokio::task::spawn_blocking(move || {
+                view.sessions
+                    .iter()
+                    .map(|s| {
+                        let fresh = (!s.device.is_empty())
+                            .then(|| counters::read(&s.device, s.id))
+                            .flatten();
+                        vpn_session(s, fresh.or(s.counters))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| Status::internal(format!("reading session counters: {e}")))?
+        } else {
+            view.sessions.iter().map(|s| vpn_session(s, None)).collect()
+        };
         Ok(pb::GetActiveSessionsResponse {
             total_count: u32::try_from(sessions.len()).unwrap_or(u32::MAX),
             sessions,
@@ -317,11 +325,11 @@ mod tests {
         s.groupname = "staff".into();
         s.client_ip = Some("192.0.2.7".parse().unwrap());
         s.vpn_ipv4 = Some("10.0.0.5".parse().unwrap());
-        s.counters = Some(crate::ocserv::ByteCounters {
+        let c = ByteCounters {
             bytes_in: 10,
             bytes_out: 20,
-        });
-        let p = vpn_session(&s, true);
+        };
+        let p = vpn_session(&s, Some(c));
         assert_eq!(p.session_id, "42");
         assert_eq!(p.username, "jürgen");
         assert_eq!(p.client_ip, "192.0.2.7");
@@ -330,7 +338,7 @@ mod tests {
         assert_eq!((p.bytes_in, p.bytes_out), (10, 20));
         assert_eq!(p.metadata["groupname"], "staff");
         assert_eq!(p.metadata["ocserv_session_id"].len(), 28);
-        let p = vpn_session(&s, false);
+        let p = vpn_session(&s, None);
         assert_eq!((p.bytes_in, p.bytes_out), (0, 0));
     }
 }

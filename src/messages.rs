@@ -6,6 +6,7 @@
 //! no network interface sends it.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ractor::RpcReplyPort;
 
@@ -32,8 +33,8 @@ pub enum CtlMsg {
 /// A consistent view of the registry, for one query.
 #[derive(Debug, Clone)]
 pub struct SessionsView {
-    /// Matching sessions, ordered by ocserv ID.
-    pub sessions: Vec<Session>,
+    /// Matching sessions, ordered by ocserv ID (shared with the registry's table).
+    pub sessions: Vec<Arc<Session>>,
     /// False until the registry has once agreed with ocserv since it (re)started.
     pub synced: bool,
     /// Why the last reconcile failed, when it did.
@@ -51,10 +52,9 @@ pub struct ReconcileReport {
 /// To `SessionRegistry`.
 #[derive(Debug)]
 pub enum RegistryMsg {
-    /// Sessions of one user (or all); with `refresh_counters`, byte counters are read anew.
+    /// Sessions of one user (or all), as of the last reconcile.
     Query {
         username: Option<String>,
-        refresh_counters: bool,
         reply: RpcReplyPort<SessionsView>,
     },
     /// Reconcile now; the reply comes once ocserv's list has been applied (or failed).

@@ -6,13 +6,15 @@
 //! reported as closed and the new one as opened.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::ocserv::Session;
 
-/// Live sessions by ocserv ID.
+/// Live sessions by ocserv ID. Entries are shared (`Arc`) so a query copies pointers, not
+/// sessions.
 #[derive(Debug, Default, Clone)]
 pub struct SessionTable {
-    by_id: BTreeMap<u32, Session>,
+    by_id: BTreeMap<u32, Arc<Session>>,
 }
 
 /// What one reconcile changed.
@@ -21,7 +23,7 @@ pub struct ReconcileDiff {
     /// Sessions that ocserv lists and the table did not have.
     pub opened: Vec<u32>,
     /// Sessions the table had and ocserv no longer lists.
-    pub closed: Vec<Session>,
+    pub closed: Vec<Arc<Session>>,
     /// Sessions present on both sides whose details (state, counters, addresses) changed.
     pub updated: usize,
 }
@@ -42,11 +44,14 @@ impl SessionTable {
     }
 
     pub fn get(&self, id: u32) -> Option<&Session> {
-        self.by_id.get(&id)
+        self.by_id.get(&id).map(Arc::as_ref)
     }
 
     /// Sessions ordered by ID, optionally only those of one user.
-    pub fn sessions<'a>(&'a self, username: Option<&'a str>) -> impl Iterator<Item = &'a Session> {
+    pub fn sessions<'a>(
+        &'a self,
+        username: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Arc<Session>> {
         self.by_id
             .values()
             .filter(move |s| username.is_none_or(|u| s.username == u))
@@ -74,7 +79,7 @@ impl SessionTable {
                     if s.safe_id.is_none() {
                         s.safe_id = old.safe_id.clone();
                     }
-                    if old != s {
+                    if *old != s {
                         diff.updated += 1;
                     }
                 }
@@ -84,7 +89,7 @@ impl SessionTable {
                 }
                 None => diff.opened.push(s.id),
             }
-            next.insert(s.id, s);
+            next.insert(s.id, Arc::new(s));
         }
         diff.closed
             .extend(std::mem::take(&mut self.by_id).into_values());
@@ -94,15 +99,8 @@ impl SessionTable {
 
     /// Removes sessions known to be gone (e.g. just disconnected) without waiting for the next
     /// reconcile; returns those that were present.
-    pub fn remove(&mut self, ids: &[u32]) -> Vec<Session> {
+    pub fn remove(&mut self, ids: &[u32]) -> Vec<Arc<Session>> {
         ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
-    }
-
-    /// Replaces the counters of one session (fresh figures read for a query).
-    pub fn set_counters(&mut self, id: u32, counters: crate::ocserv::ByteCounters) {
-        if let Some(s) = self.by_id.get_mut(&id) {
-            s.counters = Some(counters);
-        }
     }
 }
 

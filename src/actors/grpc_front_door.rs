@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::actors::{accept_on, Context, ServingState};
@@ -33,7 +33,8 @@ impl Actor for GrpcFrontDoor {
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let cfg = &ctx.config;
-        let incoming = TcpListenerStream::new(accept_on(&ctx.grpc_listener)?);
+        // Small replies must not wait on the client's delayed ACK (measured: 40 ms per call).
+        let incoming = TcpIncoming::from(accept_on(&ctx.grpc_listener)?).with_nodelay(Some(true));
 
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter

@@ -17,7 +17,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::actors::{call, AbortOnDrop, Context, OCSERV_CTL};
 use crate::messages::{CtlMsg, ReconcileReport, RegistryMsg, SessionsView};
-use crate::ocserv::{counters, Session};
+use crate::ocserv::Session;
 use crate::registry::{ReconcileDiff, SessionTable};
 
 pub struct SessionRegistry;
@@ -94,18 +94,7 @@ impl RegistryState {
         });
     }
 
-    fn view(&mut self, username: Option<&str>, refresh_counters: bool) -> SessionsView {
-        if refresh_counters {
-            let fresh: Vec<_> = self
-                .table
-                .sessions(username)
-                .filter(|s| !s.device.is_empty())
-                .filter_map(|s| counters::read(&s.device, s.id).map(|c| (s.id, c)))
-                .collect();
-            for (id, c) in fresh {
-                self.table.set_counters(id, c);
-            }
-        }
+    fn view(&self, username: Option<&str>) -> SessionsView {
         SessionsView {
             sessions: self.table.sessions(username).cloned().collect(),
             synced: self.synced,
@@ -159,12 +148,8 @@ impl Actor for SessionRegistry {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            RegistryMsg::Query {
-                username,
-                refresh_counters,
-                reply,
-            } => {
-                let _ = reply.send(state.view(username.as_deref(), refresh_counters));
+            RegistryMsg::Query { username, reply } => {
+                let _ = reply.send(state.view(username.as_deref()));
             }
             RegistryMsg::ReconcileNow(reply) => state.start_fetch(&myself, Some(reply)),
             RegistryMsg::Tick => state.start_fetch(&myself, None),
