@@ -13,9 +13,9 @@
 //! - `grpc_front_door`: GetActiveSessions on a fresh gRPC connection.
 //!
 //! `supervisor.restart_window` is set to 200 ms (intensity 10 000) and strikes are 250 ms apart,
-//! so every restart uses the first backoff step: the default `restart_backoff_initial` of 5 ms
-//! with equal jitter, i.e. a delay uniformly in [2.5 ms, 5 ms] that is part of every figure.
-//! Baseline rows time the same request with no strike, to show what the restart adds.
+//! so every restart uses the first backoff step: `supervisor.restart_backoff_initial` with equal
+//! jitter (a delay between half of it and all of it, printed with the figures) is part of every
+//! figure. Baseline rows time the same request with no strike, to show what the restart adds.
 //! A last row repeats the registry strikes with 10 000 sessions in the fake.
 //!
 //! Part 2, process restart: the release binary is spawned against the fake ocserv and

@@ -157,7 +157,7 @@ impl SupervisorConfig {
             Ok(b) => b,
             // Unreachable: initial > 0, max >= initial and the multiplier is a valid constant.
             Err(_) => Backoff::new(
-                Duration::from_millis(5),
+                Duration::from_millis(1),
                 Duration::from_secs(5),
                 RESTART_BACKOFF_MULTIPLIER,
             )
@@ -208,7 +208,7 @@ impl Default for MetricsConfig {
 impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {
-            restart_backoff_initial: Duration::from_millis(5),
+            restart_backoff_initial: Duration::from_millis(1),
             restart_backoff_max: Duration::from_secs(5),
             restart_intensity: 5,
             restart_window: Duration::from_secs(30),
@@ -1218,7 +1218,7 @@ mod tests {
         assert_eq!(c.grpc.max_concurrent_requests, 256);
         assert_eq!(c.grpc.request_timeout, SECS(5));
         assert_eq!(c.metrics.listen, "127.0.0.1:9102".parse().unwrap());
-        assert_eq!(c.supervisor.restart_backoff_initial, MS(5));
+        assert_eq!(c.supervisor.restart_backoff_initial, MS(1));
         assert_eq!(c.supervisor.restart_backoff_max, SECS(5));
         assert_eq!(c.supervisor.restart_intensity, 5);
         assert_eq!(c.supervisor.restart_window, SECS(30));
@@ -1732,8 +1732,8 @@ mod tests {
         };
         assert_eq!(s.backoff().ceiling(10), MS(1));
         let d = SupervisorConfig::default().backoff();
-        assert_eq!(d.ceiling(0), MS(5));
-        assert_eq!(d.ceiling(1), MS(10));
+        assert_eq!(d.ceiling(0), MS(1));
+        assert_eq!(d.ceiling(1), MS(2));
         assert_eq!(d.ceiling(30), SECS(5));
     }
 
