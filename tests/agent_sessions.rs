@@ -147,6 +147,9 @@ async fn disconnect_user_drops_clients_and_counts_them() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("username"), "{e:?}");
+    let e = agent::sessions(&mut c, "a/b").await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("username_filter"), "{e:?}");
     a.shutdown().await;
 }
 
