@@ -59,6 +59,37 @@ async fn sessions_have_details_and_growing_counters() {
     .await;
     assert!(after.bytes_out > 0, "echo replies counted as bytes_out");
 
+    // The operator's CLI shows the same sessions as a table and as JSON.
+    let cli = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocserv-agent"))
+            .args(args)
+            .output()
+            .await
+            .expect("run the CLI");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let addr = format!("http://{}", a.grpc_addr);
+    let table = cli(vec!["sessions".into(), "--addr".into(), addr.clone()]).await;
+    assert!(table.starts_with("ID "), "{table}");
+    assert!(
+        table.contains("alice") && table.contains("staff") && table.contains("bob"),
+        "{table}"
+    );
+    assert!(table.trim_end().ends_with("2 session(s)"), "{table}");
+    let json = cli(vec![
+        "sessions".into(),
+        "--json".into(),
+        "--user".into(),
+        "bob".into(),
+        "--addr".into(),
+        addr,
+    ])
+    .await;
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["total_count"], 1);
+    assert_eq!(v["sessions"][0]["vpn_ip"], b.vpn_ip);
+
     // The active-sessions gauge follows the registry.
     let (_, text) = agent::http_get(a.metrics_addr, "/metrics").await;
     assert_eq!(
@@ -147,6 +178,19 @@ async fn disconnect_user_drops_clients_and_counts_them() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("username"), "{e:?}");
+    // The CLI says the same, with exit code 1.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocserv-agent"))
+        .args(["disconnect", "nobody-here", "--addr"])
+        .arg(format!("http://{}", a.grpc_addr))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("NOT_FOUND") && stderr.contains("nobody-here"),
+        "{stderr}"
+    );
     let e = agent::sessions(&mut c, "a/b").await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("username_filter"), "{e:?}");
