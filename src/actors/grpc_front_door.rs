@@ -1,19 +1,20 @@
 //! `GrpcFrontDoor`: the tonic server on the gRPC listener.
 //!
 //! Serves `agent.v1.VPNAgentService` ([`crate::grpc::VpnAgent`]), `grpc.health.v1.Health` and
-//! server reflection (v1) from the descriptor set built into the binary. Concurrency per
-//! connection and request duration are bounded from `[grpc]`. The configuration check refuses a
-//! plaintext bind on anything but loopback; mTLS arrives with a later release.
+//! server reflection (v1) from the descriptor set built into the binary. Requests in flight
+//! (across all connections) and request duration are bounded from `[grpc]`. The configuration
+//! check refuses a plaintext bind on anything but loopback; mTLS arrives with a later release.
 //!
-//! The listener is bound once at start-up (`app::start`) and shared, so a restarted front door accepts on
-//! the same socket; the server task lives in the actor's state and is aborted with it (connections
-//! already accepted finish on their own tasks).
+//! The listener is bound once at start-up (`app::start`) and shared, so a restarted front door
+//! accepts on the same socket; the server task lives in the actor's state and is aborted with it
+//! (connections already accepted finish on their own tasks).
 
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
+use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::actors::{accept_on, Context, ServingState};
 use crate::grpc::VpnAgent;
@@ -49,9 +50,13 @@ impl Actor for GrpcFrontDoor {
             cfg.supervisor.call_timeout,
             cfg.ocserv.request_timeout,
         );
+        // One limit across all connections: requests beyond it wait for a slot, so the work the
+        // agent takes on is bounded at its edge whatever the number of clients.
         let router = Server::builder()
-            .concurrency_limit_per_connection(cfg.grpc.max_concurrent_requests)
             .timeout(cfg.grpc.request_timeout)
+            .layer(GlobalConcurrencyLimitLayer::new(
+                cfg.grpc.max_concurrent_requests,
+            ))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(VpnAgentServiceServer::new(agent));
