@@ -80,8 +80,13 @@ pub enum ServerMsg {
 /// To the root supervisor.
 #[derive(Debug)]
 pub enum SupervisorMsg {
-    /// Restart a child after its backoff delay.
+    /// Restart a child (sent after its backoff delay).
     Restart(crate::actors::Child),
+    /// A restart finished, or failed with the reason.
+    Restarted {
+        child: crate::actors::Child,
+        result: Result<(), String>,
+    },
     /// Ordered shutdown: stop children in reverse start order, then the supervisor.
     Shutdown(RpcReplyPort<()>),
 }

@@ -164,6 +164,63 @@ async fn every_actor_heals_under_load_without_dropping_sessions() {
     assert_eq!(a.shutdown().await, ExitReason::Shutdown);
 }
 
+/// Actors that fail together (the registry restarting while `OcservCtl` is also down) heal
+/// without waiting for the next periodic reconcile, here set to a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simultaneous_crashes_heal_without_waiting_for_the_tick() {
+    let lab = Lab::start(LabOptions {
+        users: vec![LabUser::new("s1", "p1"), LabUser::new("s2", "p2")],
+        ..Default::default()
+    })
+    .unwrap();
+    let clients = [
+        lab.connect("s1", "p1").unwrap(),
+        lab.connect("s2", "p2").unwrap(),
+    ];
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.ocserv.reconcile_interval = Duration::from_secs(60);
+    let a = agent::start(cfg).await;
+    let mut c = agent::client(&a).await;
+    agent::wait_sessions(&mut c, "", 2).await;
+    for round in 0..4 {
+        // The registry first, so its restart asks for the session list while OcservCtl is gone.
+        let strikes = [
+            SESSION_REGISTRY,
+            OCSERV_CTL,
+            METRICS_SERVER,
+            GRPC_FRONT_DOOR,
+        ];
+        let old: Vec<_> = strikes
+            .iter()
+            .map(|n| (*n, strike(n, round % 2 == 1)))
+            .collect();
+        let t = Instant::now();
+        for (name, id) in old {
+            back_again(name, id).await;
+        }
+        let mut c = agent::client(&a).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match agent::sessions(&mut c, "").await {
+                Ok(s) if s.len() == 2 => break,
+                other => assert!(
+                    Instant::now() < deadline,
+                    "round {round}: sessions not listed again within 5 s: {other:?}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        eprintln!(
+            "round {round}: all four struck, serving the full list after {:?}",
+            t.elapsed()
+        );
+    }
+    for cl in &clients {
+        assert!(cl.is_alive(), "openconnect {} still running", cl.pid);
+    }
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exceeding_restart_intensity_stops_the_agent_non_zero() {
     let lab = Lab::start(LabOptions::default()).unwrap();

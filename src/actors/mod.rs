@@ -36,6 +36,11 @@ impl Child {
         Child::GrpcFrontDoor,
     ];
 
+    /// The child registered under `name`, if any.
+    pub fn from_name(name: &str) -> Option<Child> {
+        Child::ALL.into_iter().find(|c| c.name() == name)
+    }
+
     /// The registered actor name (also the `actor` label of the restart counter).
     pub fn name(self) -> &'static str {
         match self {

@@ -7,8 +7,10 @@
 //!
 //! Restart: the table is not kept across a crash; `pre_start` rebuilds it with one reconcile
 //! against ocserv (the source of truth) before the first query is answered. Until the registry
-//! has once agreed with ocserv, views are marked `synced = false`. A failed reconcile keeps the
-//! last known table (sessions are not declared closed because ocserv did not answer).
+//! has once agreed with ocserv, views are marked `synced = false` and failed reconciles are
+//! retried on a short backoff (50 ms doubling up to the interval) rather than at the next tick.
+//! A failed reconcile keeps the last known table (sessions are not declared closed because
+//! ocserv did not answer).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +18,7 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::actors::{call, AbortOnDrop, Context, OCSERV_CTL};
+use crate::backoff::Backoff;
 use crate::messages::{CtlMsg, ReconcileReport, RegistryMsg, SessionsView};
 use crate::ocserv::Session;
 use crate::registry::{ReconcileDiff, SessionTable};
@@ -32,6 +35,10 @@ pub struct RegistryState {
     /// A fetch is under way; reconcile requests that arrive meanwhile wait for the next one.
     in_flight: bool,
     pending: Vec<Waiter>,
+    /// Failed reconciles in a row; while not yet synced they are retried on this backoff
+    /// instead of waiting for the next tick.
+    failures: u32,
+    retry: Backoff,
     _ticker: AbortOnDrop,
 }
 
@@ -50,6 +57,27 @@ async fn fetch(ctx: &Context) -> Result<Vec<Session>, String> {
 }
 
 impl RegistryState {
+    /// Applies a fetch result and, while the registry has never agreed with ocserv, schedules
+    /// an early retry (after a restart, `OcservCtl` may itself still be coming back).
+    fn settle(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        result: Result<Vec<Session>, String>,
+    ) -> Result<ReconcileReport, String> {
+        let report = self.apply(result);
+        match &report {
+            Ok(_) => self.failures = 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "reconcile failed; keeping the last known sessions");
+                if !self.synced {
+                    myself.send_after(self.retry.delay(self.failures), || RegistryMsg::Tick);
+                }
+                self.failures = self.failures.saturating_add(1);
+            }
+        }
+        report
+    }
+
     fn apply(&mut self, result: Result<Vec<Session>, String>) -> Result<ReconcileReport, String> {
         let sessions = match result {
             Ok(s) => s,
@@ -122,22 +150,21 @@ impl Actor for SessionRegistry {
             last_error: None,
             in_flight: false,
             pending: Vec::new(),
+            failures: 0,
+            retry: Backoff::new(
+                Duration::from_millis(50),
+                interval.max(Duration::from_millis(50)),
+                2.0,
+            )?,
             _ticker: ticker,
         };
         // Rebuild from ocserv before answering anything; bounded so a dead ocserv cannot hold up
-        // the start (the next tick retries).
+        // the start (a failure is retried early, see `settle`).
         let bound = ctx.config.ocserv.request_timeout + Duration::from_millis(100);
-        match tokio::time::timeout(bound, fetch(&ctx)).await {
-            Ok(result) => {
-                if let Err(e) = state.apply(result) {
-                    tracing::warn!(error = %e, "initial reconcile failed; will retry");
-                }
-            }
-            Err(_) => {
-                tracing::warn!("initial reconcile timed out; will retry");
-                state.last_error = Some("ocserv did not answer the initial session list".into());
-            }
-        }
+        let result = tokio::time::timeout(bound, fetch(&ctx))
+            .await
+            .unwrap_or_else(|_| Err("ocserv did not answer the initial session list".into()));
+        let _ = state.settle(&myself, result);
         Ok(state)
     }
 
@@ -155,10 +182,7 @@ impl Actor for SessionRegistry {
             RegistryMsg::Tick => state.start_fetch(&myself, None),
             RegistryMsg::Fetched { result, waiters } => {
                 state.in_flight = false;
-                let report = state.apply(result);
-                if let Err(e) = &report {
-                    tracing::warn!(error = %e, "reconcile failed; keeping the last known sessions");
-                }
+                let report = state.settle(&myself, result);
                 for w in waiters {
                     let _ = w.send(report.clone());
                 }

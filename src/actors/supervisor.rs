@@ -7,11 +7,11 @@
 //!
 //! The restart decision is the plain [`RestartPolicy`]; the actor only wires events to it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
 
 use crate::actors::grpc_front_door::GrpcFrontDoor;
@@ -87,36 +87,29 @@ pub struct SupervisorArgs {
 pub struct SupervisorState {
     ctx: Arc<Context>,
     exit: watch::Sender<Option<ExitReason>>,
-    running: HashMap<ActorId, (Child, ActorCell)>,
     policy: RestartPolicy,
+    /// Restarts under way: a child's `pre_start` may wait on another child (the registry asks
+    /// `OcservCtl` for the session list), so restarts run off the supervisor's mailbox.
+    restarting: Vec<tokio::task::JoinHandle<()>>,
     stopping: bool,
 }
 
+/// Spawns `child` under its registered name, linked to the supervisor; returns once its
+/// `pre_start` has finished.
 async fn spawn_child(
     child: Child,
     ctx: &Arc<Context>,
     sup: ActorCell,
-) -> Result<ActorCell, ractor::SpawnErr> {
+) -> Result<(), ractor::SpawnErr> {
     let name = Some(child.name().to_string());
     let c = ctx.clone();
-    Ok(match child {
-        Child::OcservCtl => Actor::spawn_linked(name, OcservCtl, c, sup)
-            .await?
-            .0
-            .get_cell(),
-        Child::SessionRegistry => Actor::spawn_linked(name, SessionRegistry, c, sup)
-            .await?
-            .0
-            .get_cell(),
-        Child::MetricsServer => Actor::spawn_linked(name, MetricsServer, c, sup)
-            .await?
-            .0
-            .get_cell(),
-        Child::GrpcFrontDoor => Actor::spawn_linked(name, GrpcFrontDoor, c, sup)
-            .await?
-            .0
-            .get_cell(),
-    })
+    match child {
+        Child::OcservCtl => drop(Actor::spawn_linked(name, OcservCtl, c, sup).await?),
+        Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
+        Child::MetricsServer => drop(Actor::spawn_linked(name, MetricsServer, c, sup).await?),
+        Child::GrpcFrontDoor => drop(Actor::spawn_linked(name, GrpcFrontDoor, c, sup).await?),
+    }
+    Ok(())
 }
 
 impl SupervisorState {
@@ -125,20 +118,40 @@ impl SupervisorState {
     async fn stop_children(&mut self) {
         self.stopping = true;
         let grace = self.ctx.config.supervisor.shutdown_grace / Child::ALL.len() as u32;
+        // Let restarts under way finish first, so no child appears after the stop.
+        for task in self.restarting.drain(..) {
+            let _ = tokio::time::timeout(grace, task).await;
+        }
         for child in Child::ALL.iter().rev() {
-            let cell = self
-                .running
-                .values()
-                .find(|(c, _)| c == child)
-                .map(|(_, cell)| cell.clone());
-            if let Some(cell) = cell {
+            if let Some(cell) = ractor::registry::where_is(child.name()) {
                 if cell.stop_and_wait(None, Some(grace)).await.is_err() {
                     tracing::warn!(actor = child.name(), "did not stop within grace; killing");
                     cell.kill();
                 }
             }
         }
-        self.running.clear();
+    }
+
+    /// What to do after `child` stopped or failed to start: restart it after its backoff delay,
+    /// or escalate when the restart intensity is exceeded.
+    async fn after_stop(&mut self, myself: &ActorRef<SupervisorMsg>, child: Child) {
+        match self.policy.on_stop(child, Instant::now()) {
+            Decision::RestartAfter(delay) => {
+                myself.send_after(delay, move || SupervisorMsg::Restart(child));
+            }
+            Decision::Escalate => {
+                tracing::error!(
+                    actor = child.name(),
+                    intensity = self.ctx.config.supervisor.restart_intensity,
+                    window = ?self.ctx.config.supervisor.restart_window,
+                    "restart intensity exceeded; stopping the agent"
+                );
+                let reason = ExitReason::RestartIntensityExceeded {
+                    actor: child.name(),
+                };
+                self.finish(myself, reason).await;
+            }
+        }
     }
 
     async fn finish(&mut self, myself: &ActorRef<SupervisorMsg>, reason: ExitReason) {
@@ -163,23 +176,18 @@ impl Actor for Supervisor {
             policy: RestartPolicy::new(s.backoff(), s.restart_intensity, s.restart_window),
             ctx: args.ctx,
             exit: args.exit,
-            running: HashMap::new(),
+            restarting: Vec::new(),
             stopping: false,
         };
         for child in Child::ALL {
-            match spawn_child(child, &state.ctx, myself.get_cell()).await {
-                Ok(cell) => {
-                    state.running.insert(cell.get_id(), (child, cell));
-                }
-                Err(e) => {
-                    let reason = ExitReason::StartFailed {
-                        actor: child.name(),
-                        error: e.to_string(),
-                    };
-                    state.stop_children().await;
-                    state.exit.send_replace(Some(reason));
-                    return Err(format!("cannot start {}: {e}", child.name()).into());
-                }
+            if let Err(e) = spawn_child(child, &state.ctx, myself.get_cell()).await {
+                let reason = ExitReason::StartFailed {
+                    actor: child.name(),
+                    error: e.to_string(),
+                };
+                state.stop_children().await;
+                state.exit.send_replace(Some(reason));
+                return Err(format!("cannot start {}: {e}", child.name()).into());
             }
         }
         tracing::info!("all actors started");
@@ -194,29 +202,27 @@ impl Actor for Supervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Restart(child) if !state.stopping => {
-                match spawn_child(child, &state.ctx, myself.get_cell()).await {
-                    Ok(cell) => {
-                        tracing::info!(actor = child.name(), "actor restarted");
-                        state.ctx.metrics.actor_restarted(child.name());
-                        state.running.insert(cell.get_id(), (child, cell));
-                    }
-                    Err(e) => {
-                        tracing::error!(actor = child.name(), error = %e, "restart failed");
-                        match state.policy.on_stop(child, Instant::now()) {
-                            Decision::RestartAfter(d) => {
-                                myself.send_after(d, move || SupervisorMsg::Restart(child));
-                            }
-                            Decision::Escalate => {
-                                let reason = ExitReason::RestartIntensityExceeded {
-                                    actor: child.name(),
-                                };
-                                state.finish(&myself, reason).await;
-                            }
-                        }
-                    }
-                }
+                let (ctx, me) = (state.ctx.clone(), myself.clone());
+                state.restarting.retain(|t| !t.is_finished());
+                state.restarting.push(tokio::spawn(async move {
+                    let result = spawn_child(child, &ctx, me.get_cell())
+                        .await
+                        .map_err(|e| e.to_string());
+                    let _ = me.send_message(SupervisorMsg::Restarted { child, result });
+                }));
             }
             SupervisorMsg::Restart(_) => {}
+            SupervisorMsg::Restarted { child, result } => match result {
+                Ok(()) => {
+                    tracing::info!(actor = child.name(), "actor restarted");
+                    state.ctx.metrics.actor_restarted(child.name());
+                }
+                Err(e) if !state.stopping => {
+                    tracing::error!(actor = child.name(), error = %e, "restart failed");
+                    state.after_stop(&myself, child).await;
+                }
+                Err(_) => {}
+            },
             SupervisorMsg::Shutdown(reply) => {
                 tracing::info!("shutting down");
                 state.finish(&myself, ExitReason::Shutdown).await;
@@ -240,30 +246,14 @@ impl Actor for Supervisor {
             ),
             _ => return Ok(()),
         };
-        let Some((child, _)) = state.running.remove(&cell.get_id()) else {
+        let Some(child) = cell.get_name().as_deref().and_then(Child::from_name) else {
             return Ok(());
         };
         if state.stopping {
             return Ok(());
         }
         tracing::warn!(actor = child.name(), %why, "actor stopped");
-        match state.policy.on_stop(child, Instant::now()) {
-            Decision::RestartAfter(delay) => {
-                myself.send_after(delay, move || SupervisorMsg::Restart(child));
-            }
-            Decision::Escalate => {
-                tracing::error!(
-                    actor = child.name(),
-                    intensity = state.ctx.config.supervisor.restart_intensity,
-                    window = ?state.ctx.config.supervisor.restart_window,
-                    "restart intensity exceeded; stopping the agent"
-                );
-                let reason = ExitReason::RestartIntensityExceeded {
-                    actor: child.name(),
-                };
-                state.finish(&myself, reason).await;
-            }
-        }
+        state.after_stop(&myself, child).await;
         Ok(())
     }
 }
