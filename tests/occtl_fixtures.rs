@@ -37,6 +37,38 @@ fn save(dir: &Path, name: &str, out: &std::process::Output) -> Result<()> {
     Ok(())
 }
 
+/// One failed login of alice from `addr`, a fresh address added to the client namespace's veth
+/// and used as the source towards ocserv (ban points are per client address).
+fn failed_login_from(lab: &Lab, veth_client: &str, addr: &str) -> Result<()> {
+    let ns = lab.client_ns.as_str();
+    let server = format!("{}/32", lab.server_addr);
+    ip(&[
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{addr}/32"),
+        "dev",
+        veth_client,
+    ])?;
+    ip(&[
+        "-n",
+        ns,
+        "route",
+        "replace",
+        &server,
+        "dev",
+        veth_client,
+        "src",
+        addr,
+    ])?;
+    ensure!(
+        lab.connect("alice", "wrong").is_err(),
+        "wrong password accepted"
+    );
+    Ok(())
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output()?;
     ensure!(
@@ -247,30 +279,7 @@ fn capture_fixtures() -> Result<()> {
     let n = lab.server_addr.octets()[2];
     let veth_client = format!("oal{n}c");
     let second = format!("10.231.{n}.3");
-    ip(&[
-        "-n",
-        &lab.client_ns,
-        "addr",
-        "add",
-        &format!("{second}/32"),
-        "dev",
-        &veth_client,
-    ])?;
-    ip(&[
-        "-n",
-        &lab.client_ns,
-        "route",
-        "replace",
-        &format!("{}/32", lab.server_addr),
-        "dev",
-        &veth_client,
-        "src",
-        &second,
-    ])?;
-    ensure!(
-        lab.connect("alice", "wrong").is_err(),
-        "wrong password accepted"
-    );
+    failed_login_from(&lab, &veth_client, &second)?;
     // `show ip bans` leaves a trailing comma when the last entry of ocserv's list is below the
     // threshold (quirk 4); the order is hash order, so add single failures from fresh addresses
     // until the last printed entry is followed by a comma.
@@ -284,30 +293,7 @@ fn capture_fixtures() -> Result<()> {
             break;
         }
         let addr = format!("10.231.{n}.{k}");
-        ip(&[
-            "-n",
-            &lab.client_ns,
-            "addr",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            &veth_client,
-        ])?;
-        ip(&[
-            "-n",
-            &lab.client_ns,
-            "route",
-            "replace",
-            &format!("{}/32", lab.server_addr),
-            "dev",
-            &veth_client,
-            "src",
-            &addr,
-        ])?;
-        ensure!(
-            lab.connect("alice", "wrong").is_err(),
-            "wrong password accepted"
-        );
+        failed_login_from(&lab, &veth_client, &addr)?;
     }
     save(&dir, "ip-bans", &occtl(&["-j", "show", "ip", "bans"])?)?;
     save(
@@ -346,30 +332,7 @@ fn capture_fixtures() -> Result<()> {
             break;
         }
         let addr = format!("10.231.{n}.{k}");
-        ip(&[
-            "-n",
-            &lab.client_ns,
-            "addr",
-            "add",
-            &format!("{addr}/32"),
-            "dev",
-            &veth_client,
-        ])?;
-        ip(&[
-            "-n",
-            &lab.client_ns,
-            "route",
-            "replace",
-            &format!("{}/32", lab.server_addr),
-            "dev",
-            &veth_client,
-            "src",
-            &addr,
-        ])?;
-        ensure!(
-            lab.connect("alice", "wrong").is_err(),
-            "wrong password accepted"
-        );
+        failed_login_from(&lab, &veth_client, &addr)?;
     }
 
     // Let the events stream see the disconnect, then ask it to quit.
