@@ -8,6 +8,7 @@
 //! leaves nothing behind in the temporary directory; only an input that crashes the process
 //! leaves its one file.
 #![no_main]
+#![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
 use ocserv_agent::config;

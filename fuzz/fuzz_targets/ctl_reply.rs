@@ -12,6 +12,7 @@
 //! `decode_cookies`, `decode_bool`) whatever its reply code, since a confused or hostile peer can
 //! put any body behind any code.
 #![no_main]
+#![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
 use ocserv_agent::ocserv::codec::{

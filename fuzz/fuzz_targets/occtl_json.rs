@@ -9,6 +9,7 @@
 //! time, with and without an offset hint, plus the offset the first pass learned (as the backend
 //! would carry it into the next call).
 #![no_main]
+#![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
 use ocserv_agent::ocserv::occtl_json;

@@ -8,6 +8,7 @@
 //! Checks, besides "never panics": a name accepted by `valid_device` can never step out of its
 //! directory when joined to a path (no `/`, no NUL, not `.` or `..`) and fits IFNAMSIZ.
 #![no_main]
+#![forbid(unsafe_code)]
 
 use libfuzzer_sys::fuzz_target;
 use ocserv_agent::ocserv::counters::{parse_proc_net_dev, valid_device, MAX_DEVICE_LEN};
