@@ -3,7 +3,7 @@
 # Debian/Ubuntu, as root. Idempotent: does nothing when everything is present.
 set -euo pipefail
 
-packages=(ocserv openconnect iptables gnutls-bin iproute2 curl)
+packages=(ocserv openconnect iptables gnutls-bin iproute2 iputils-ping curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
