@@ -210,3 +210,22 @@ async fn missing_occtl_and_socket_garbage_are_named() {
         "{e}"
     );
 }
+
+#[test]
+fn a_listen_address_in_use_is_named_and_exits_71() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let o = run(
+        &["run"],
+        &[
+            ("OCSERV_AGENT__GRPC__LISTEN", addr.as_str()),
+            ("OCSERV_AGENT__METRICS__LISTEN", "127.0.0.1:0"),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(71), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("grpc.listen: cannot listen on {addr}")),
+        "{}",
+        stderr(&o)
+    );
+}
