@@ -30,8 +30,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{report, ChildAgent, Devices, FakeOcserv};
-use ocserv_agent::actors::{call, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY};
-use ocserv_agent::messages::{CtlMsg, RegistryMsg, ServerMsg};
+use ocserv_agent::actors::{
+    call, Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY,
+};
+use ocserv_agent::messages::{CtlMsg, RegistryMsg};
 use ocserv_agent::proto::agent::v1::vpn_agent_service_client::VpnAgentServiceClient;
 use ocserv_agent::proto::agent::v1::GetActiveSessionsRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,22 +51,11 @@ const ACTORS: [&str; 4] = [
     GRPC_FRONT_DOOR,
 ];
 
-/// Makes the actor stop: `kill()` or a panic in its handler.
+/// Panics or kills the named actor; see `Child::strike`.
 fn strike(name: &'static str, panic: bool) -> ractor::ActorId {
-    let cell = ractor::registry::where_is(name)
-        .unwrap_or_else(|| panic!("{name} is not registered before the strike"));
-    let id = cell.get_id();
-    if panic {
-        let delivered = match name {
-            OCSERV_CTL => cell.send_message(CtlMsg::Crash).is_ok(),
-            SESSION_REGISTRY => cell.send_message(RegistryMsg::Crash).is_ok(),
-            _ => cell.send_message(ServerMsg::Crash).is_ok(),
-        };
-        assert!(delivered, "crash message delivered to {name}");
-    } else {
-        cell.kill();
-    }
-    id
+    Child::from_name(name)
+        .and_then(|c| c.strike(panic))
+        .unwrap_or_else(|| panic!("{name} is not running before the strike"))
 }
 
 async fn healthz(addr: std::net::SocketAddr) -> bool {

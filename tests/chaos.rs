@@ -11,26 +11,16 @@ use std::time::{Duration, Instant};
 
 use ocserv_agent::actors::supervisor::ExitReason;
 use ocserv_agent::actors::{Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY};
-use ocserv_agent::messages::{CtlMsg, RegistryMsg, ServerMsg};
+use ocserv_agent::messages::RegistryMsg;
 use ocserv_agent::ocserv::BackendKind;
 use support::agent;
 use support::lab::{Lab, LabOptions, LabUser};
 
-/// Panics the actor through its `Crash` message (ActorFailed) or kills it (ActorTerminated).
+/// Panics (ActorFailed) or kills (ActorTerminated) the named actor; see `Child::strike`.
 fn strike(name: &'static str, panic: bool) -> ractor::ActorId {
-    let cell = ractor::registry::where_is(name).expect("actor is running");
-    let id = cell.get_id();
-    if panic {
-        let delivered = match name {
-            OCSERV_CTL => cell.send_message(CtlMsg::Crash).is_ok(),
-            SESSION_REGISTRY => cell.send_message(RegistryMsg::Crash).is_ok(),
-            _ => cell.send_message(ServerMsg::Crash).is_ok(),
-        };
-        assert!(delivered, "crash message delivered to {name}");
-    } else {
-        cell.kill();
-    }
-    id
+    Child::from_name(name)
+        .and_then(|c| c.strike(panic))
+        .unwrap_or_else(|| panic!("{name} is not running before the strike"))
 }
 
 /// Waits (polling every millisecond) until a new incarnation of `name` is registered.

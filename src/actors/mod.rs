@@ -41,6 +41,30 @@ impl Child {
         Child::ALL.into_iter().find(|c| c.name() == name)
     }
 
+    /// Chaos hook, reachable only from inside the process: stops the running actor with
+    /// `kill()` (the supervisor sees `ActorTerminated`) or makes its handler panic through its
+    /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
+    /// actor is not running.
+    pub fn strike(self, panic: bool) -> Option<ractor::ActorId> {
+        use crate::messages::{CtlMsg, RegistryMsg, ServerMsg};
+        let cell = ractor::registry::where_is(self.name())?;
+        if !panic {
+            cell.kill();
+        } else {
+            let delivered = match self {
+                Child::OcservCtl => cell.send_message(CtlMsg::Crash).is_ok(),
+                Child::SessionRegistry => cell.send_message(RegistryMsg::Crash).is_ok(),
+                Child::MetricsServer | Child::GrpcFrontDoor => {
+                    cell.send_message(ServerMsg::Crash).is_ok()
+                }
+            };
+            if !delivered {
+                return None;
+            }
+        }
+        Some(cell.get_id())
+    }
+
     /// The registered actor name (also the `actor` label of the restart counter).
     pub fn name(self) -> &'static str {
         match self {
