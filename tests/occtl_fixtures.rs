@@ -139,13 +139,10 @@ fn capture_fixtures() -> Result<()> {
     )?;
 
     let occtl = |args: &[&str]| lab.occtl(args);
-    save(&dir, "users-empty", &occtl(&["-j", "show", "users"])?)?;
-    save(&dir, "iroutes-empty", &occtl(&["-j", "show", "iroutes"])?)?;
-    save(
-        &dir,
-        "ip-bans-empty",
-        &occtl(&["-j", "show", "ip", "bans"])?,
-    )?;
+    let capture = |name: &str, args: &[&str]| save(&dir, name, &occtl(args)?);
+    capture("users-empty", &["-j", "show", "users"])?;
+    capture("iroutes-empty", &["-j", "show", "iroutes"])?;
+    capture("ip-bans-empty", &["-j", "show", "ip", "bans"])?;
 
     // `show events` in the background: the initial list, then one document per event.
     let events_out = lab.dir.join("events.stdout");
@@ -172,34 +169,18 @@ fn capture_fixtures() -> Result<()> {
     j.send_traffic(10)?;
     a1.send_traffic(5)?;
 
-    save(&dir, "users", &occtl(&["-j", "show", "users"])?)?;
+    capture("users", &["-j", "show", "users"])?;
     save(
         &dir,
         "users-server-ns",
         &lab.occtl_in_server_ns(&["-j", "show", "users"])?,
     )?;
-    save(
-        &dir,
-        "user-alice",
-        &occtl(&["-j", "show", "user", "alice"])?,
-    )?;
-    save(
-        &dir,
-        "user-carol",
-        &occtl(&["-j", "show", "user", "carol"])?,
-    )?;
-    save(&dir, "user-dave", &occtl(&["-j", "show", "user", "dave"])?)?;
-    save(&dir, "user-utf8", &occtl(&["-j", "show", "user", utf8])?)?;
-    save(
-        &dir,
-        "user-not-found",
-        &occtl(&["-j", "show", "user", "nosuchuser"])?,
-    )?;
-    save(
-        &dir,
-        "id-not-found",
-        &occtl(&["-j", "show", "id", "999999"])?,
-    )?;
+    capture("user-alice", &["-j", "show", "user", "alice"])?;
+    capture("user-carol", &["-j", "show", "user", "carol"])?;
+    capture("user-dave", &["-j", "show", "user", "dave"])?;
+    capture("user-utf8", &["-j", "show", "user", utf8])?;
+    capture("user-not-found", &["-j", "show", "user", "nosuchuser"])?;
+    capture("id-not-found", &["-j", "show", "id", "999999"])?;
     // IDs and session ids from `show users`, which serde_json accepts (duplicate keys aside).
     let users_json: serde_json::Value =
         serde_json::from_slice(&fs::read(dir.join("users.stdout"))?)?;
@@ -215,58 +196,35 @@ fn capture_fixtures() -> Result<()> {
     };
     let bob_id = find("bob", "ID")?;
     let alice_sid = find("alice", "Full session")?;
-    save(&dir, "id-bob", &occtl(&["-j", "show", "id", &bob_id])?)?;
-    save(&dir, "status", &occtl(&["-j", "show", "status"])?)?;
-    save(&dir, "iroutes", &occtl(&["-j", "show", "iroutes"])?)?;
-    save(
-        &dir,
-        "sessions-all",
-        &occtl(&["-j", "show", "sessions", "all"])?,
-    )?;
-    save(
-        &dir,
-        "sessions-valid",
-        &occtl(&["-j", "show", "sessions", "valid"])?,
-    )?;
+    capture("id-bob", &["-j", "show", "id", &bob_id])?;
+    capture("status", &["-j", "show", "status"])?;
+    capture("iroutes", &["-j", "show", "iroutes"])?;
+    capture("sessions-all", &["-j", "show", "sessions", "all"])?;
+    capture("sessions-valid", &["-j", "show", "sessions", "valid"])?;
 
     // bob leaves (openconnect says goodbye): a disconnect event, a closed cookie.
     b.stop();
     wait_sessions(&lab, 6)?;
-    save(
-        &dir,
+    capture(
         "sessions-all-after-logout",
-        &occtl(&["-j", "show", "sessions", "all"])?,
+        &["-j", "show", "sessions", "all"],
     )?;
-    save(
-        &dir,
+    capture(
         "sessions-valid-after-logout",
-        &occtl(&["-j", "show", "sessions", "valid"])?,
+        &["-j", "show", "sessions", "valid"],
     )?;
-    save(
-        &dir,
-        "session-sid",
-        &occtl(&["-j", "show", "session", &alice_sid])?,
-    )?;
+    capture("session-sid", &["-j", "show", "session", &alice_sid])?;
     save(
         &dir,
         "session-short-sid",
         &occtl(&["-j", "show", "session", &alice_sid[..6]])?,
     )?;
-    save(
-        &dir,
+    capture(
         "disconnect-user-not-found",
-        &occtl(&["disconnect", "user", "nosuchuser"])?,
+        &["disconnect", "user", "nosuchuser"],
     )?;
-    save(
-        &dir,
-        "disconnect-id-not-found",
-        &occtl(&["disconnect", "id", "999999"])?,
-    )?;
-    save(
-        &dir,
-        "unban-not-found",
-        &occtl(&["unban", "ip", "10.231.250.250"])?,
-    )?;
+    capture("disconnect-id-not-found", &["disconnect", "id", "999999"])?;
+    capture("unban-not-found", &["unban", "ip", "10.231.250.250"])?;
 
     // Failed logins: three from the client's veth address (banned at score 30), then one from
     // a second address in the same namespace (below the threshold).
@@ -295,22 +253,16 @@ fn capture_fixtures() -> Result<()> {
         let addr = format!("10.231.{n}.{k}");
         failed_login_from(&lab, &veth_client, &addr)?;
     }
-    save(&dir, "ip-bans", &occtl(&["-j", "show", "ip", "bans"])?)?;
-    save(
-        &dir,
-        "ip-ban-points",
-        &occtl(&["-j", "show", "ip", "ban", "points"])?,
-    )?;
+    capture("ip-bans", &["-j", "show", "ip", "bans"])?;
+    capture("ip-ban-points", &["-j", "show", "ip", "ban", "points"])?;
 
-    save(
-        &dir,
+    capture(
         "sessions-all-after-failures",
-        &occtl(&["-j", "show", "sessions", "all"])?,
+        &["-j", "show", "sessions", "all"],
     )?;
-    save(
-        &dir,
+    capture(
         "sessions-valid-after-failures",
-        &occtl(&["-j", "show", "sessions", "valid"])?,
+        &["-j", "show", "sessions", "valid"],
     )?;
 
     // `show sessions valid` leaves a stray `},` before `]` when the last cookie of the list is
@@ -324,11 +276,7 @@ fn capture_fixtures() -> Result<()> {
             .collect();
         if compact.ends_with("},]") {
             save(&dir, "sessions-valid-stray", &out)?;
-            save(
-                &dir,
-                "sessions-all-stray",
-                &occtl(&["-j", "show", "sessions", "all"])?,
-            )?;
+            capture("sessions-all-stray", &["-j", "show", "sessions", "all"])?;
             break;
         }
         let addr = format!("10.231.{n}.{k}");
