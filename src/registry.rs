@@ -29,9 +29,7 @@ pub struct ReconcileDiff {
 }
 
 fn same_session(a: &Session, b: &Session) -> bool {
-    a.id == b.id
-        && a.connected_at == b.connected_at
-        && (a.safe_id.is_none() || b.safe_id.is_none() || a.safe_id == b.safe_id)
+    a.key().matches(b)
 }
 
 impl SessionTable {
@@ -113,7 +111,8 @@ pub(crate) mod tests {
     pub(crate) fn session(id: u32, user: &str, at: u64) -> Session {
         Session {
             id,
-            safe_id: Some(format!("{id:0>28}")),
+            // Distinct per (id, connect time), as ocserv's session ids are.
+            safe_id: Some(format!("{id:0>14}{at:0>14}")),
             username: user.into(),
             groupname: String::new(),
             state: SessionState::Connected,
@@ -165,6 +164,23 @@ pub(crate) mod tests {
         assert_eq!(d.opened, vec![7]);
         assert_eq!(d.closed[0].username, "a");
         assert_eq!(t.get(7).unwrap().username, "b");
+    }
+
+    #[test]
+    fn a_shifted_connect_time_with_the_same_session_id_is_the_same_session() {
+        // occtl's connect time is local time learned through a UTC offset: a DST change or an
+        // unknown offset shifts it, and that must not look like a closed and reopened session.
+        let mut t = SessionTable::default();
+        t.reconcile(vec![session(7, "a", 10)]);
+        let mut shifted = session(7, "a", 10);
+        shifted.connected_at += 3600;
+        let d = t.reconcile(vec![shifted]);
+        assert!(d.opened.is_empty() && d.closed.is_empty(), "{d:?}");
+        // Without a session id on one side, the connect time decides.
+        let mut bare = session(7, "a", 3610);
+        bare.safe_id = None;
+        let d = t.reconcile(vec![bare]);
+        assert!(d.opened.is_empty() && d.closed.is_empty(), "{d:?}");
     }
 
     #[test]

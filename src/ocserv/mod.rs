@@ -106,7 +106,47 @@ pub struct Session {
     pub counters: Option<ByteCounters>,
 }
 
+/// The full identity of one session. ocserv's `ID` is the worker's PID and is recycled, so a
+/// session is only ever acted on by its ID **and** its 28-character session id (`safe_id`), or,
+/// when the backend could not tell the session id, its connect time.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct SessionKey {
+    pub id: u32,
+    pub safe_id: Option<String>,
+    /// Unix seconds; only compared when one side has no `safe_id`.
+    pub connected_at: u64,
+}
+
+impl SessionKey {
+    /// True when `s` is this very session (not merely a session with the same recycled ID).
+    pub fn matches(&self, s: &Session) -> bool {
+        self.id == s.id
+            && match (&self.safe_id, &s.safe_id) {
+                (Some(a), Some(b)) => a == b,
+                _ => self.connected_at == s.connected_at,
+            }
+    }
+}
+
+impl std::fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.safe_id {
+            Some(sid) => write!(f, "{} ({sid})", self.id),
+            None => write!(f, "{} (connected at {})", self.id, self.connected_at),
+        }
+    }
+}
+
 impl Session {
+    /// This session's full identity.
+    pub fn key(&self) -> SessionKey {
+        SessionKey {
+            id: self.id,
+            safe_id: self.safe_id.clone(),
+            connected_at: self.connected_at,
+        }
+    }
+
     /// The VPN address to show: IPv4 when present, else IPv6.
     pub fn vpn_ip(&self) -> Option<IpAddr> {
         self.vpn_ipv4
