@@ -143,12 +143,14 @@ async fn latency() {
         .expect("embedded defaults are valid")
         .config;
     config.ocserv.control_socket = fake.socket.clone();
-    config.grpc.listen = "127.0.0.1:0".parse().expect("address");
+    config.grpc.listen = Some("127.0.0.1:0".parse().expect("address"));
+    config.grpc.insecure = true;
+    config.grpc.socket = fake.socket.with_file_name("agent.sock");
     config.metrics.listen = "127.0.0.1:0".parse().expect("address");
     let agent = ocserv_agent::app::start(config)
         .await
         .expect("the agent starts");
-    let mut c = connect(agent.grpc_addr).await;
+    let mut c = connect(agent.grpc_addr.expect("TCP listener configured")).await;
     let synced = wait_listed(&mut c, SESSIONS, Duration::from_secs(60)).await;
     println!("registry synced with {SESSIONS} sessions ({synced:?} after start)");
 
@@ -293,8 +295,7 @@ async fn nodelay_comparison(agent: &ocserv_agent::app::Agent, c: &mut Client, us
     let addr = listener.local_addr().expect("local address");
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let svc = VpnAgentServiceServer::new(ocserv_agent::grpc::VpnAgent::new(
-        agent.metrics.clone(),
-        Duration::from_secs(2),
+        agent.ctx.clone(),
         Duration::from_secs(2),
     ));
     let server = tokio::spawn(
@@ -314,7 +315,7 @@ async fn nodelay_comparison(agent: &ocserv_agent::app::Agent, c: &mut Client, us
         let x = timed_call(c, "", false).await.0;
         let y = timed_call(&mut nd, "", false).await.0;
         let t = Instant::now();
-        let mut fresh = connect(agent.grpc_addr).await;
+        let mut fresh = connect(agent.grpc_addr.expect("TCP listener configured")).await;
         timed_call(&mut fresh, user, true).await;
         let p = t.elapsed();
         let t = Instant::now();

@@ -1,14 +1,15 @@
-//! Starting and stopping the whole agent: bind the listeners, build the metrics registry, spawn
-//! the supervisor, and turn its end into a process exit code.
+//! Starting and stopping the whole agent: raise the descriptor limit, bind the listeners, build
+//! the shared context, spawn the supervisor, handle signals, and turn its end into a process exit
+//! code.
 //!
-//! Listeners are bound here, once, so a port conflict is a start-up error naming the address, and
+//! Listeners are bound here, once, so a port conflict is a start-up error naming the key, and
 //! restarted server actors keep accepting on the same sockets.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use eyre::WrapErr;
 use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 
@@ -17,63 +18,134 @@ use crate::actors::{Context, SUPERVISOR};
 use crate::config::Config;
 use crate::messages::SupervisorMsg;
 use crate::metrics::Metrics;
+use crate::serve::{Endpoint, Limits, Listener, Protocol};
 
 /// Exit code when the supervisor gave up (restart intensity exceeded): EX_SOFTWARE.
 pub const EXIT_ESCALATED: i32 = 70;
 /// Exit code when the agent could not start (listener bind, actor start): EX_OSERR.
 pub const EXIT_START_FAILED: i32 = 71;
+/// Exit code when an ordered shutdown did not finish within `supervisor.shutdown_grace`:
+/// EX_TEMPFAIL.
+pub const EXIT_SHUTDOWN_TIMEOUT: i32 = 75;
+
+/// Changes the log level of the running process (SIGHUP); an error says why it could not.
+pub type SetLogLevel = Box<dyn Fn(&str) -> Result<(), String> + Send>;
 
 /// A running agent.
 pub struct Agent {
-    pub grpc_addr: SocketAddr,
+    /// The gRPC control socket.
+    pub grpc_socket: PathBuf,
+    /// The plaintext TCP gRPC address, when configured (`grpc.listen` with `insecure`).
+    pub grpc_addr: Option<SocketAddr>,
     pub metrics_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    pub ctx: Arc<Context>,
     supervisor: ActorRef<SupervisorMsg>,
     exit: watch::Receiver<Option<ExitReason>>,
-    grace: Duration,
 }
 
-fn bind(addr: SocketAddr, key: &str) -> eyre::Result<std::net::TcpListener> {
-    std::net::TcpListener::bind(addr).wrap_err_with(|| format!("{key}: cannot listen on {addr}"))
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (logged), so that descriptors run out as late
+/// as the operator allows. Returns (soft before, soft after, hard).
+pub fn raise_nofile_limit() -> Option<(u64, u64, u64)> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some((soft, hard, hard));
+    }
+    Some((soft, soft, hard))
+}
+
+/// Binds every listener of `config`: the gRPC Unix socket, the optional TCP address, metrics.
+fn endpoints(config: &Config) -> eyre::Result<(Vec<Arc<Endpoint>>, Arc<Endpoint>)> {
+    let g = &config.grpc;
+    let grpc_limits = Limits {
+        max_connections: g.max_connections,
+        idle_timeout: g.idle_timeout,
+        read_timeout: g.read_timeout,
+        protocol: Protocol::Http2 {
+            max_streams: g.max_streams_per_connection,
+            keepalive_interval: g.keepalive_interval,
+            keepalive_timeout: g.keepalive_timeout,
+        },
+    };
+    let mut grpc = vec![Arc::new(Endpoint::new(
+        "grpc_socket",
+        Listener::unix(&g.socket, g.allowed_uids.clone(), "grpc.socket")?,
+        grpc_limits,
+    ))];
+    if let Some(addr) = g.listen {
+        tracing::warn!(
+            listen = %addr,
+            "plaintext gRPC on TCP (grpc.insecure = true): any local user can reach it; \
+             prefer the control socket"
+        );
+        grpc.push(Arc::new(Endpoint::new(
+            "grpc_tcp",
+            Listener::tcp(addr, "grpc.listen")?,
+            grpc_limits,
+        )));
+    }
+    let m = &config.metrics;
+    let metrics = Arc::new(Endpoint::new(
+        "metrics",
+        Listener::tcp(m.listen, "metrics.listen")?,
+        Limits {
+            max_connections: m.max_connections,
+            idle_timeout: m.idle_timeout,
+            read_timeout: m.header_timeout,
+            protocol: Protocol::Http1,
+        },
+    ));
+    Ok((grpc, metrics))
 }
 
 /// Starts the actor tree. Returns once every actor has started.
 pub async fn start(config: Config) -> eyre::Result<Agent> {
-    let config = Arc::new(config);
-    let grpc_listener = bind(config.grpc.listen, "grpc.listen")?;
-    let metrics_listener = bind(config.metrics.listen, "metrics.listen")?;
-    let grpc_addr = grpc_listener.local_addr()?;
-    let metrics_addr = metrics_listener.local_addr()?;
+    let (grpc, metrics_ep) = endpoints(&config)?;
+    let grpc_socket = config.grpc.socket.clone();
+    let grpc_addr = grpc.iter().find_map(|e| e.listener.local_addr());
+    let metrics_addr = metrics_ep
+        .listener
+        .local_addr()
+        .ok_or_else(|| eyre::eyre!("metrics.listen: no local address"))?;
     let metrics = Arc::new(Metrics::new());
-    let ctx = Arc::new(Context {
-        config: config.clone(),
-        metrics: metrics.clone(),
-        grpc_listener: Arc::new(grpc_listener),
-        metrics_listener: Arc::new(metrics_listener),
-    });
+    let ctx = Arc::new(Context::new(config, metrics.clone(), grpc, metrics_ep));
     let (exit_tx, exit_rx) = watch::channel(None);
-    let (supervisor, _join) = Actor::spawn(
+    let started = Actor::spawn(
         Some(SUPERVISOR.to_string()),
         Supervisor,
-        SupervisorArgs { ctx, exit: exit_tx },
+        SupervisorArgs {
+            ctx: ctx.clone(),
+            exit: exit_tx,
+        },
     )
-    .await
-    .map_err(|e| {
-        let detail = exit_rx
-            .borrow()
-            .as_ref()
-            .map(|r| format!("{r:?}"))
-            .unwrap_or_default();
-        eyre::eyre!("cannot start the actor tree: {e} {detail}")
-    })?;
-    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "agent started");
+    .await;
+    let (supervisor, _join) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            let detail = exit_rx
+                .borrow()
+                .as_ref()
+                .map(|r| format!("{r:?}"))
+                .unwrap_or_default();
+            let _ = std::fs::remove_file(&grpc_socket);
+            return Err(eyre::eyre!("cannot start the actor tree: {e} {detail}"));
+        }
+    };
+    tracing::info!(
+        socket = %grpc_socket.display(),
+        grpc_tcp = ?grpc_addr,
+        metrics = %metrics_addr,
+        "agent started"
+    );
     Ok(Agent {
+        grpc_socket,
         grpc_addr,
         metrics_addr,
         metrics,
+        ctx,
         supervisor,
         exit: exit_rx,
-        grace: config.supervisor.shutdown_grace,
     })
 }
 
@@ -87,18 +159,22 @@ impl Agent {
         }
     }
 
-    /// Ordered shutdown within the configured grace period.
+    /// Ordered shutdown: the front door drains (GOAWAY, calls in flight finish), then every other
+    /// actor stops, all within `supervisor.shutdown_grace`; past it, the reason says so.
     pub async fn shutdown(mut self) -> ExitReason {
         if let Some(r) = self.exit.borrow().clone() {
             return r;
         }
-        let grace = self.grace + Duration::from_secs(1);
+        let grace = self.ctx.config().supervisor.shutdown_grace;
+        let bound = grace + Duration::from_secs(1);
         let _ = self
             .supervisor
-            .call(SupervisorMsg::Shutdown, Some(grace))
+            .call(SupervisorMsg::Shutdown, Some(bound))
             .await;
-        let _ = tokio::time::timeout(grace, self.wait()).await;
-        ExitReason::Shutdown
+        match tokio::time::timeout(bound, self.wait()).await {
+            Ok(r) => r,
+            Err(_) => ExitReason::ShutdownTimedOut,
+        }
     }
 }
 
@@ -108,17 +184,33 @@ pub fn exit_code(reason: &ExitReason) -> i32 {
         ExitReason::Shutdown => 0,
         ExitReason::RestartIntensityExceeded { .. } => EXIT_ESCALATED,
         ExitReason::StartFailed { .. } => EXIT_START_FAILED,
+        ExitReason::ShutdownTimedOut => EXIT_SHUTDOWN_TIMEOUT,
     }
 }
 
 /// Runs until SIGTERM/SIGINT (ordered shutdown, exit 0) or until the supervisor escalates
 /// (non-zero). Returns the process exit code.
 ///
-/// SIGHUP re-reads and validates the configuration (`config_path` as given on the command line)
-/// and logs the verdict; this version applies configuration changes only at the next start, so
-/// a SIGHUP never stops the agent and never swaps a half-valid configuration in.
-pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> i32 {
+/// Signal handlers are installed before anything that can wait (the first ocserv call), so a
+/// signal during start-up is handled once the start is done, never fatal. SIGHUP re-reads the
+/// configuration (`config_path` as given on the command line) on a blocking thread; see
+/// [`reload`].
+pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: SetLogLevel) -> i32 {
     use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int, mut hup) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            eprintln!("ocserv-agent: cannot install signal handlers: {e}");
+            return EXIT_START_FAILED;
+        }
+    };
+    if let Some((before, after, hard)) = raise_nofile_limit() {
+        tracing::info!(soft_before = before, soft = after, hard, "open file limit");
+    }
     let mut agent = match start(config).await {
         Ok(a) => a,
         Err(e) => {
@@ -127,27 +219,12 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> i32
             return EXIT_START_FAILED;
         }
     };
-    let (mut term, mut hup) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) {
-        (Ok(t), Ok(h)) => (t, h),
-        (Err(e), _) | (_, Err(e)) => {
-            eprintln!("ocserv-agent: cannot install signal handlers: {e}");
-            return EXIT_START_FAILED;
-        }
-    };
     let signalled = loop {
         tokio::select! {
             r = agent.wait() => break Err(r),
             _ = term.recv() => break Ok("SIGTERM"),
-            _ = tokio::signal::ctrl_c() => break Ok("SIGINT"),
-            _ = hup.recv() => match crate::config::load(config_path.as_deref()) {
-                Ok(_) => tracing::info!(
-                    "SIGHUP: configuration is valid; changes take effect at the next restart"
-                ),
-                Err(e) => tracing::error!("SIGHUP: {e}; keeping the running configuration"),
-            },
+            _ = int.recv() => break Ok("SIGINT"),
+            _ = hup.recv() => reload(&agent.ctx, config_path.clone(), &*set_log_level).await,
         }
     };
     let reason = match signalled {
@@ -162,6 +239,47 @@ pub async fn run(config: Config, config_path: Option<std::path::PathBuf>) -> i32
         eprintln!("ocserv-agent: stopped: {reason:?}");
     }
     exit_code(&reason)
+}
+
+/// SIGHUP: re-reads and validates the configuration off the async workers; an invalid one is
+/// logged and the running one kept. Of a valid one, the keys that can change live are applied
+/// at once and the others are named as needing a restart.
+pub async fn reload(
+    ctx: &Context,
+    path: Option<PathBuf>,
+    set_log_level: &(dyn Fn(&str) -> Result<(), String> + Send),
+) {
+    let loaded = tokio::task::spawn_blocking(move || crate::config::load(path.as_deref())).await;
+    let new = match loaded {
+        Ok(Ok(l)) => l.config,
+        Ok(Err(e)) => {
+            tracing::error!("SIGHUP: {e}; keeping the running configuration");
+            return;
+        }
+        Err(e) => {
+            tracing::error!("SIGHUP: reading the configuration failed: {e}");
+            return;
+        }
+    };
+    let old = ctx.config();
+    let changes = crate::config::live_changes(&old, &new);
+    if changes.applied.is_empty() && changes.need_restart.is_empty() {
+        tracing::info!("SIGHUP: configuration unchanged");
+        return;
+    }
+    if changes.applied.contains(&"log.level") {
+        if let Err(e) = set_log_level(&new.log.level) {
+            tracing::error!("SIGHUP: cannot apply log.level: {e}");
+        }
+    }
+    // Keys that need a restart keep their running values.
+    let applied = crate::config::with_live_keys(&old, &new);
+    ctx.reconfigure(applied);
+    tracing::info!(
+        applied = ?changes.applied,
+        need_restart = ?changes.need_restart,
+        "SIGHUP: configuration reloaded"
+    );
 }
 
 #[cfg(test)]

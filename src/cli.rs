@@ -24,7 +24,8 @@ pub const EXIT_REFUSED: i32 = 1;
 and serves them over gRPC to a portal and to this command line.\n\nWithout a subcommand, runs the agent.",
     after_long_help = "Exit codes: 0 success or clean shutdown; 1 request refused by the agent; \
 64 invalid configuration; 69 agent (CLI) unreachable; 70 restart intensity exceeded; \
-71 start-up failure (e.g. a listen address in use)."
+71 start-up failure (e.g. a listen address in use); 75 shutdown did not finish within \
+supervisor.shutdown_grace."
 )]
 pub struct Cli {
     /// Configuration file (TOML). Default: /etc/ocserv-agent/agent.toml if present, else embedded
@@ -49,9 +50,8 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
-        /// Agent gRPC address; default: http://<grpc.listen from the configuration>.
-        #[arg(long)]
-        addr: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
     },
     /// Disconnect a user's newest session (or all of them with --all) through the running agent.
     Disconnect {
@@ -63,11 +63,42 @@ pub enum Command {
         /// Why (kept in the agent's log).
         #[arg(long, default_value = "disconnected by operator")]
         reason: String,
-        /// Agent gRPC address; default: http://<grpc.listen from the configuration>.
-        #[arg(long)]
-        addr: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
     },
 }
+
+/// Where the CLI reaches the agent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TargetArgs {
+    /// The agent's control socket; default: grpc.socket from the configuration
+    /// (/run/ocserv-agent/agent.sock).
+    #[arg(long, conflicts_with = "addr")]
+    pub socket: Option<std::path::PathBuf>,
+    /// A plaintext TCP address instead of the socket, e.g. http://127.0.0.1:50051 (the agent
+    /// serves one only with grpc.listen and grpc.insecure = true).
+    #[arg(long)]
+    pub addr: Option<String>,
+}
+
+/// The resolved place to reach the agent.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Socket(std::path::PathBuf),
+    Tcp(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Socket(p) => write!(f, "{}", p.display()),
+            Target::Tcp(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+/// Replies can be large (20 000 sessions are about 6 MiB); allow up to this much.
+pub const MAX_REPLY_BYTES: usize = 256 * 1024 * 1024;
 
 /// A client-side failure with its exit code.
 #[derive(Debug)]
@@ -76,33 +107,60 @@ pub struct CliError {
     pub message: String,
 }
 
-async fn connect(addr: &str) -> Result<VpnAgentServiceClient<Channel>, CliError> {
-    let unavailable = |e: &dyn std::fmt::Display| {
-        CliError {
-        code: EXIT_UNAVAILABLE,
-        message: format!(
-            "cannot reach the agent at {addr}: {e} (is ocserv-agent running? try `systemctl status ocserv-agent`, or pass --addr)"
-        ),
-    }
+fn unavailable(target: &Target, why: &str) -> CliError {
+    let hint = match target {
+        Target::Socket(_) if why.contains("ermission denied") => {
+            "the socket is mode 0660: run as root, or as a uid listed in grpc.allowed_uids with \
+             access to the socket"
+        }
+        _ => {
+            "is ocserv-agent running? try `systemctl status ocserv-agent`, or pass --socket/--addr"
+        }
     };
-    let endpoint = Channel::from_shared(addr.to_string())
-        .map_err(|e| CliError {
+    CliError {
+        code: EXIT_UNAVAILABLE,
+        message: format!("cannot reach the agent at {target}: {why} ({hint})"),
+    }
+}
+
+/// Connects to the agent over its control socket or a TCP address.
+pub async fn connect(target: &Target) -> Result<VpnAgentServiceClient<Channel>, CliError> {
+    let endpoint = match target {
+        Target::Tcp(addr) => Channel::from_shared(addr.clone()).map_err(|e| CliError {
             code: crate::config::EXIT_CONFIG,
             message: format!("--addr: invalid address {addr:?}: {e}"),
-        })?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(30));
-    let channel = endpoint.connect().await.map_err(|e| {
+        })?,
+        // The URI is required by the API but unused: the connector below dials the socket.
+        Target::Socket(_) => Channel::from_static("http://agent.sock"),
+    }
+    .connect_timeout(Duration::from_secs(3))
+    .timeout(Duration::from_secs(30));
+    let connected = match target {
+        Target::Tcp(_) => endpoint.connect().await,
+        Target::Socket(path) => {
+            let path = path.clone();
+            endpoint
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let path = path.clone();
+                    async move {
+                        let s = tokio::net::UnixStream::connect(path).await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                    }
+                }))
+                .await
+        }
+    };
+    let channel = connected.map_err(|e| {
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
             cause = next;
         }
-        unavailable(&cause.to_string())
+        unavailable(target, &cause.to_string())
     })?;
-    Ok(VpnAgentServiceClient::new(channel))
+    Ok(VpnAgentServiceClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES))
 }
 
-fn status_error(addr: &str, s: tonic::Status) -> CliError {
+fn status_error(target: &Target, s: tonic::Status) -> CliError {
     let code = match s.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => EXIT_UNAVAILABLE,
         _ => EXIT_REFUSED,
@@ -110,7 +168,7 @@ fn status_error(addr: &str, s: tonic::Status) -> CliError {
     CliError {
         code,
         message: format!(
-            "agent at {addr} answered {}: {}",
+            "agent at {target} answered {}: {}",
             crate::metrics::code_name(s.code()),
             s.message()
         ),
@@ -118,15 +176,19 @@ fn status_error(addr: &str, s: tonic::Status) -> CliError {
 }
 
 /// `ocserv-agent sessions`.
-pub async fn sessions(addr: &str, user: Option<String>, json: bool) -> Result<String, CliError> {
-    let mut client = connect(addr).await?;
+pub async fn sessions(
+    target: &Target,
+    user: Option<String>,
+    json: bool,
+) -> Result<String, CliError> {
+    let mut client = connect(target).await?;
     let resp = client
         .get_active_sessions(pb::GetActiveSessionsRequest {
             username_filter: user.unwrap_or_default(),
             include_stats: true,
         })
         .await
-        .map_err(|s| status_error(addr, s))?
+        .map_err(|s| status_error(target, s))?
         .into_inner();
     Ok(if json {
         sessions_json(&resp)
@@ -137,12 +199,12 @@ pub async fn sessions(addr: &str, user: Option<String>, json: bool) -> Result<St
 
 /// `ocserv-agent disconnect`.
 pub async fn disconnect(
-    addr: &str,
+    target: &Target,
     user: String,
     all: bool,
     reason: String,
 ) -> Result<String, CliError> {
-    let mut client = connect(addr).await?;
+    let mut client = connect(target).await?;
     let resp = client
         .disconnect_user(pb::DisconnectUserRequest {
             username: user.clone(),
@@ -150,7 +212,7 @@ pub async fn disconnect(
             disconnect_all_sessions: all,
         })
         .await
-        .map_err(|s| status_error(addr, s))?
+        .map_err(|s| status_error(target, s))?
         .into_inner();
     let mut out = format!(
         "disconnected {} session(s) of {user}\n",
@@ -334,7 +396,9 @@ mod tests {
             .unwrap()
             .port();
         let addr = format!("http://127.0.0.1:{port}");
-        let e = sessions(&addr, None, false).await.unwrap_err();
+        let e = sessions(&Target::Tcp(addr.clone()), None, false)
+            .await
+            .unwrap_err();
         assert_eq!(e.code, EXIT_UNAVAILABLE);
         assert!(
             e.message

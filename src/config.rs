@@ -95,21 +95,36 @@ pub struct OcservConfig {
     pub occtl_path: PathBuf,
     pub request_timeout: Duration,
     pub reconcile_interval: Duration,
+    pub max_in_flight: usize,
+    pub max_queued: usize,
 }
 
 /// `[grpc]`: the management front door.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GrpcConfig {
+    pub socket: PathBuf,
+    pub allowed_uids: Vec<u32>,
     /// Loopback only until mTLS is configurable.
-    pub listen: SocketAddr,
+    pub listen: Option<SocketAddr>,
+    pub insecure: bool,
     pub max_concurrent_requests: usize,
     pub request_timeout: Duration,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub max_streams_per_connection: u32,
+    pub read_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
 }
 
 /// `[metrics]`: `/metrics`, `/healthz`, `/readyz`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsConfig {
     pub listen: SocketAddr,
+    pub allow_non_loopback: bool,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub header_timeout: Duration,
 }
 
 /// `[supervisor]`: restart policy of the actor tree.
@@ -183,6 +198,8 @@ impl Default for OcservConfig {
             occtl_path: PathBuf::from("/usr/bin/occtl"),
             request_timeout: Duration::from_secs(2),
             reconcile_interval: Duration::from_secs(10),
+            max_in_flight: 4,
+            max_queued: 256,
         }
     }
 }
@@ -190,9 +207,18 @@ impl Default for OcservConfig {
 impl Default for GrpcConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 50051),
+            socket: PathBuf::from("/run/ocserv-agent/agent.sock"),
+            allowed_uids: vec![0],
+            listen: None,
+            insecure: false,
             max_concurrent_requests: 256,
             request_timeout: Duration::from_secs(5),
+            max_connections: 4096,
+            idle_timeout: Duration::from_secs(300),
+            max_streams_per_connection: 32,
+            read_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -201,6 +227,10 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9102),
+            allow_non_loopback: false,
+            max_connections: 256,
+            idle_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -343,7 +373,10 @@ impl Config {
             ("ocserv.occtl_path", p(&o.occtl_path)),
             ("ocserv.request_timeout", d(o.request_timeout)),
             ("ocserv.reconcile_interval", d(o.reconcile_interval)),
-            ("grpc.listen", s(&g.listen.to_string())),
+            (
+                "grpc.listen",
+                s(&g.listen.map(|l| l.to_string()).unwrap_or_default()),
+            ),
             (
                 "grpc.max_concurrent_requests",
                 g.max_concurrent_requests.to_string(),
@@ -1011,17 +1044,18 @@ impl RawConfig {
                 MS(100),
                 SECS(3600),
             )?,
+            ..od
         };
 
         let g = self.grpc;
         let gd = GrpcConfig::default();
-        let listen = g.listen.unwrap_or(gd.listen);
-        if !listen.ip().is_loopback() {
+        let listen = g.listen.or(gd.listen);
+        if listen.is_some_and(|l| !l.ip().is_loopback()) {
             return Err(err(
                 "grpc",
                 "listen",
                 format!(
-                    "plaintext gRPC is only allowed on a loopback address; mTLS is not configured yet (got {listen})"
+                    "plaintext gRPC is only allowed on a loopback address; mTLS is not configured yet (got {listen:?})"
                 ),
             ));
         }
@@ -1046,6 +1080,8 @@ impl RawConfig {
                 MS(1),
                 SECS(3600),
             )?,
+            insecure: listen.is_some(),
+            ..gd
         };
 
         let metrics = MetricsConfig {
@@ -1053,6 +1089,7 @@ impl RawConfig {
                 .metrics
                 .listen
                 .unwrap_or(MetricsConfig::default().listen),
+            ..MetricsConfig::default()
         };
 
         let s = self.supervisor;
@@ -1214,7 +1251,7 @@ mod tests {
         assert_eq!(c.ocserv.occtl_path, Path::new("/usr/bin/occtl"));
         assert_eq!(c.ocserv.request_timeout, SECS(2));
         assert_eq!(c.ocserv.reconcile_interval, SECS(10));
-        assert_eq!(c.grpc.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(c.grpc.listen, None);
         assert_eq!(c.grpc.max_concurrent_requests, 256);
         assert_eq!(c.grpc.request_timeout, SECS(5));
         assert_eq!(c.metrics.listen, "127.0.0.1:9102".parse().unwrap());
@@ -1309,7 +1346,7 @@ mod tests {
         assert_eq!(c.ocserv.occtl_path, Path::new("/usr/local/bin/occtl"));
         assert_eq!(c.ocserv.request_timeout, MS(250));
         assert_eq!(c.ocserv.reconcile_interval, SECS(60));
-        assert_eq!(c.grpc.listen, "[::1]:6000".parse().unwrap());
+        assert_eq!(c.grpc.listen, Some("[::1]:6000".parse().unwrap()));
         assert_eq!(c.grpc.max_concurrent_requests, 65536);
         assert_eq!(c.grpc.request_timeout, SECS(90));
         assert_eq!(c.metrics.listen, "0.0.0.0:9200".parse().unwrap());
@@ -1327,7 +1364,10 @@ mod tests {
     #[test]
     fn partial_file_lists_only_missing_keys_and_keeps_section_defaults() {
         let l = load_text("[grpc]\nlisten = \"127.0.0.1:7000\"\n", &[]).unwrap();
-        assert_eq!(l.config.grpc.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(
+            l.config.grpc.listen,
+            Some("127.0.0.1:7000".parse().unwrap())
+        );
         assert_eq!(l.config.grpc.max_concurrent_requests, 256);
         assert_eq!(l.config.grpc.request_timeout, SECS(5));
         let mut expected = all_keys();
@@ -1366,7 +1406,7 @@ mod tests {
         )
         .unwrap();
         let c = &l.config;
-        assert_eq!(c.grpc.listen, "127.0.0.1:6000".parse().unwrap());
+        assert_eq!(c.grpc.listen, Some("127.0.0.1:6000".parse().unwrap()));
         assert_eq!(c.grpc.max_concurrent_requests, 512);
         assert_eq!(c.ocserv.request_timeout, MS(250));
         assert_eq!(c.ocserv.backend, BackendKind::Occtl);
@@ -1781,4 +1821,47 @@ mod tests {
             "OCSERV_AGENT__OCSERV__REQUEST_TIMEOUT"
         );
     }
+}
+
+/// What a SIGHUP changes: keys applied live, keys that need a restart.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    pub applied: Vec<&'static str>,
+    pub need_restart: Vec<String>,
+}
+
+/// Keys a SIGHUP applies without a restart.
+pub const LIVE_KEYS: [&str; 6] = [
+    "log.level",
+    "ocserv.reconcile_interval",
+    "ocserv.request_timeout",
+    "grpc.request_timeout",
+    "supervisor.call_timeout",
+    "supervisor.shutdown_grace",
+];
+
+pub fn live_changes(old: &Config, new: &Config) -> Changes {
+    let (o, n) = (old.entries(), new.entries());
+    let mut c = Changes::default();
+    for ((k, a), (_, b)) in o.iter().zip(n.iter()) {
+        if a != b {
+            match LIVE_KEYS.iter().find(|l| **l == k.as_str()) {
+                Some(l) => c.applied.push(l),
+                None => c.need_restart.push(k.clone()),
+            }
+        }
+    }
+    c
+}
+
+/// `old` with the live keys taken from `new`.
+pub fn with_live_keys(old: &Config, new: &Config) -> Config {
+    let mut c = old.clone();
+    c.log.level = new.log.level.clone();
+    c.ocserv.reconcile_interval = new.ocserv.reconcile_interval;
+    c.ocserv.request_timeout = new.ocserv.request_timeout;
+    c.grpc.request_timeout = new.grpc.request_timeout;
+    c.supervisor.call_timeout = new.supervisor.call_timeout;
+    c.supervisor.shutdown_grace = new.supervisor.shutdown_grace;
+    c
 }

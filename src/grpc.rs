@@ -1,70 +1,166 @@
 //! The gRPC services the agent serves, as plain tonic service types; the `GrpcFrontDoor` actor
-//! binds them to the listener. Handlers validate every field first (`INVALID_ARGUMENT` naming the
-//! field), then ask the actors by name with a bounded [`call`], and map failures to status codes:
-//! unknown user → `NOT_FOUND`, ocserv unreachable → `UNAVAILABLE`. The legacy
-//! `success`/`error_message` fields are filled too, for portals that read them.
+//! serves them behind [`crate::grpc_edge::Edge`], which counts every request and bounds it.
+//! Handlers validate every field first (`INVALID_ARGUMENT` naming the field), then ask the actors
+//! by name with a bounded [`call`], and map failures to status codes: unknown user → `NOT_FOUND`,
+//! ocserv unreachable or data too old → `UNAVAILABLE`, the agent's own bounds →
+//! `RESOURCE_EXHAUSTED`. The legacy `success`/`error_message` fields are filled too, for portals
+//! that read them.
+//!
+//! Sessions are acted on only by their full identity ([`SessionKey`]), re-checked by ocserv in the
+//! same step; concurrent kicks of one session go through [`Kicks`], so exactly one caller is told
+//! it disconnected it.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use tonic::{Code, Request, Response, Status};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
 
-use crate::actors::{call, CallError, SESSION_REGISTRY};
+use crate::actors::{call, CallError, Context, SESSION_REGISTRY};
+use crate::grpc_edge::ReplyPermit;
 use crate::messages::{CtlMsg, RegistryMsg, SessionsView};
-use crate::metrics::Metrics;
-use crate::ocserv::{counters, ByteCounters, CtlError, DisconnectOutcome, Session};
+use crate::ocserv::{counters, ByteCounters, CtlError, DisconnectOutcome, Session, SessionKey};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentService;
+use crate::serve::Peer;
+
+/// Memory for large replies being built and sent at once, in KiB (shared by all callers).
+pub const REPLY_BUDGET_KIB: u32 = 24 * 1024;
+
+/// What one session costs in a reply while it is built and encoded, in bytes (measured in the
+/// `sessions_scale` benchmark: about 280 encoded plus the message structs).
+pub const REPLY_BYTES_PER_SESSION: usize = 768;
+
+/// Sessions in a reply above which it is built on a blocking thread.
+const BLOCKING_ABOVE: usize = 1000;
+
+/// The reply budget a listing of `n` sessions takes, in KiB (at least 1, at most the budget).
+pub fn reply_cost_kib(n: usize) -> u32 {
+    let kib = (n.saturating_mul(REPLY_BYTES_PER_SESSION) / 1024).max(1);
+    u32::try_from(kib).unwrap_or(u32::MAX).min(REPLY_BUDGET_KIB)
+}
+
+/// How long a kicked session stays known as kicked, so a late concurrent caller is not told it
+/// disconnected it again.
+const KICK_MEMORY: Duration = Duration::from_secs(60);
+
+enum KickEntry {
+    /// Being disconnected; the sender says `true` when done (dropped on failure).
+    InProgress(SessionKey, watch::Receiver<bool>),
+    Done(SessionKey, Instant),
+}
+
+/// Sessions being (or just) disconnected by the agent. Lives in the shared context, outside any
+/// actor, so it holds across restarts.
+#[derive(Default)]
+pub struct Kicks {
+    by_id: Mutex<HashMap<u32, KickEntry>>,
+}
+
+/// The right to disconnect one session; tell how it went with [`Claim::finish`].
+pub struct Claim<'a> {
+    kicks: &'a Kicks,
+    key: SessionKey,
+    done: watch::Sender<bool>,
+}
+
+/// The outcome of [`Kicks::claim`].
+pub enum Claimed<'a> {
+    /// This caller disconnects it.
+    Mine(Claim<'a>),
+    /// Another caller disconnected it.
+    Taken,
+}
+
+impl Kicks {
+    /// Claims `key` for disconnection. While another caller is disconnecting the same session,
+    /// waits (until `deadline`) for its outcome: done → [`Claimed::Taken`]; failed → claim again.
+    pub async fn claim(&self, key: &SessionKey, deadline: Instant) -> Option<Claimed<'_>> {
+        loop {
+            let mut wait = {
+                let mut map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+                map.retain(
+                    |_, e| !matches!(e, KickEntry::Done(_, at) if at.elapsed() > KICK_MEMORY),
+                );
+                match map.get(&key.id) {
+                    Some(KickEntry::Done(k, _)) if k == key => return Some(Claimed::Taken),
+                    Some(KickEntry::InProgress(k, rx)) if k == key => rx.clone(),
+                    _ => {
+                        let (tx, rx) = watch::channel(false);
+                        map.insert(key.id, KickEntry::InProgress(key.clone(), rx));
+                        return Some(Claimed::Mine(Claim {
+                            kicks: self,
+                            key: key.clone(),
+                            done: tx,
+                        }));
+                    }
+                }
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = tokio::time::timeout(left, wait.wait_for(|done| *done))
+                .await
+                .map(|r| r.is_ok());
+            match outcome {
+                Ok(true) => return Some(Claimed::Taken),
+                // The other caller failed: try ourselves.
+                Ok(false) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
+impl Claim<'_> {
+    /// Records the outcome: `true` when this caller disconnected the session.
+    pub fn finish(self, disconnected: bool) {
+        let mut map = self.kicks.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        if disconnected {
+            map.insert(
+                self.key.id,
+                KickEntry::Done(self.key.clone(), Instant::now()),
+            );
+            let _ = self.done.send(true);
+        } else if matches!(map.get(&self.key.id), Some(KickEntry::InProgress(k, _)) if *k == self.key)
+        {
+            map.remove(&self.key.id);
+        }
+    }
+}
 
 /// `agent.v1.VPNAgentService`.
 #[derive(Clone)]
 pub struct VpnAgent {
-    metrics: Arc<Metrics>,
+    ctx: Arc<Context>,
     /// Bound of one cross-actor call.
     call_timeout: Duration,
-    /// Bound of one call that waits on ocserv (actor hop plus ocserv's own timeout).
-    ocserv_timeout: Duration,
 }
 
 impl VpnAgent {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        call_timeout: Duration,
-        ocserv_request_timeout: Duration,
-    ) -> Self {
-        Self {
-            metrics,
-            call_timeout,
-            ocserv_timeout: call_timeout + ocserv_request_timeout,
-        }
+    pub fn new(ctx: Arc<Context>, call_timeout: Duration) -> Self {
+        Self { ctx, call_timeout }
     }
 
-    fn finish<T>(&self, method: &'static str, r: Result<T, Status>) -> Result<Response<T>, Status> {
-        let code = r.as_ref().map(|_| Code::Ok).unwrap_or_else(|s| s.code());
-        self.metrics.grpc_request(method, code);
-        r.map(Response::new)
-    }
-
+    /// Asks ocserv through `OcservCtl`, within `deadline`.
     async fn ctl<T: Send + 'static>(
         &self,
+        deadline: Instant,
         idempotent: bool,
         build: impl Fn(ractor::RpcReplyPort<Result<T, CtlError>>) -> CtlMsg,
     ) -> Result<T, Status> {
-        call(
-            crate::actors::OCSERV_CTL,
-            self.ocserv_timeout,
-            idempotent,
-            build,
-        )
-        .await
-        .map_err(actor_status)?
-        .map_err(ctl_status)
+        let left = deadline.saturating_duration_since(Instant::now());
+        call(crate::actors::OCSERV_CTL, left, idempotent, build)
+            .await
+            .map_err(actor_status)?
+            .map_err(ctl_status)
     }
 }
 
 fn actor_status(e: CallError) -> Status {
-    Status::unavailable(e.to_string())
+    match e {
+        CallError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
+    }
 }
 
 /// Maps an ocserv failure to a status code.
@@ -73,6 +169,7 @@ pub fn ctl_status(e: CtlError) -> Status {
         CtlError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
         CtlError::Timeout { .. } => Status::deadline_exceeded(e.to_string()),
         CtlError::Protocol { .. } | CtlError::NoReply { .. } => Status::internal(e.to_string()),
+        CtlError::Busy(_) => Status::resource_exhausted(e.to_string()),
         _ => Status::unavailable(e.to_string()),
     }
 }
@@ -125,15 +222,41 @@ pub fn vpn_session(s: &Session, counters: Option<ByteCounters>) -> pb::VpnSessio
 
 /// Which of a user's sessions a `DisconnectUser` takes: all of them, or only the newest (latest
 /// connection time, then highest ID).
-pub fn disconnect_targets(sessions: &[Session], all: bool) -> Vec<u32> {
+pub fn disconnect_targets(sessions: &[Session], all: bool) -> Vec<SessionKey> {
     if all {
-        return sessions.iter().map(|s| s.id).collect();
+        return sessions.iter().map(Session::key).collect();
     }
     sessions
         .iter()
         .max_by_key(|s| (s.connected_at, s.id))
-        .map(|s| vec![s.id])
+        .map(|s| vec![s.key()])
         .unwrap_or_default()
+}
+
+/// Refuses to serve a view that is not known to be current (DESIGN: stale data is never served
+/// as truth).
+pub fn check_fresh(view: &SessionsView, reconcile_interval: Duration) -> Result<(), Status> {
+    let why = || {
+        view.last_error
+            .as_ref()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default()
+    };
+    match view.age {
+        None => Err(Status::unavailable(format!(
+            "the session list has not been synchronized with ocserv yet{}",
+            why()
+        ))),
+        Some(age) if crate::health::too_old(age, reconcile_interval) => {
+            Err(Status::unavailable(format!(
+                "the session list is {} old (last agreement with ocserv; served only while younger than {}){}",
+                humantime::format_duration(Duration::from_secs(age.as_secs())),
+                humantime::format_duration(crate::health::stale_bound(reconcile_interval)),
+                why()
+            )))
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 #[tonic::async_trait]
@@ -142,52 +265,47 @@ impl VpnAgentService for VpnAgent {
         &self,
         _request: Request<pb::NotifyConnectRequest>,
     ) -> Result<Response<pb::NotifyConnectResponse>, Status> {
-        self.finish(
-            "NotifyConnect",
-            Err(Status::unimplemented(
-                "NotifyConnect is not served by this agent version",
-            )),
-        )
+        Err(Status::unimplemented(
+            "NotifyConnect is not served by this agent version",
+        ))
     }
 
     async fn notify_disconnect(
         &self,
         _request: Request<pb::NotifyDisconnectRequest>,
     ) -> Result<Response<pb::NotifyDisconnectResponse>, Status> {
-        self.finish(
-            "NotifyDisconnect",
-            Err(Status::unimplemented(
-                "NotifyDisconnect is not served by this agent version",
-            )),
-        )
+        Err(Status::unimplemented(
+            "NotifyDisconnect is not served by this agent version",
+        ))
     }
 
     async fn get_active_sessions(
         &self,
         request: Request<pb::GetActiveSessionsRequest>,
     ) -> Result<Response<pb::GetActiveSessionsResponse>, Status> {
-        let r = self.get_active_sessions_inner(request.into_inner()).await;
-        self.finish("GetActiveSessions", r)
+        let (permit, reply) = self.get_active_sessions_inner(request.into_inner()).await?;
+        let mut resp = Response::new(reply);
+        resp.extensions_mut().insert(permit);
+        Ok(resp)
     }
 
     async fn disconnect_user(
         &self,
         request: Request<pb::DisconnectUserRequest>,
     ) -> Result<Response<pb::DisconnectUserResponse>, Status> {
-        let r = self.disconnect_user_inner(request.into_inner()).await;
-        self.finish("DisconnectUser", r)
+        let peer = request.extensions().get::<Peer>().cloned();
+        self.disconnect_user_inner(peer, request.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn update_user_routes(
         &self,
         _request: Request<pb::UpdateUserRoutesRequest>,
     ) -> Result<Response<pb::UpdateUserRoutesResponse>, Status> {
-        self.finish(
-            "UpdateUserRoutes",
-            Err(Status::unimplemented(
-                "UpdateUserRoutes is not served by this agent version",
-            )),
-        )
+        Err(Status::unimplemented(
+            "UpdateUserRoutes is not served by this agent version",
+        ))
     }
 }
 
@@ -195,7 +313,7 @@ impl VpnAgent {
     async fn get_active_sessions_inner(
         &self,
         req: pb::GetActiveSessionsRequest,
-    ) -> Result<pb::GetActiveSessionsResponse, Status> {
+    ) -> Result<(ReplyPermit, pb::GetActiveSessionsResponse), Status> {
         let username = if req.username_filter.is_empty() {
             None
         } else {
@@ -212,43 +330,57 @@ impl VpnAgent {
         })
         .await
         .map_err(actor_status)?;
-        if !view.synced {
-            return Err(Status::unavailable(format!(
-                "the session list has not been synchronized with ocserv yet: {}",
-                view.last_error
-                    .as_deref()
-                    .unwrap_or("first reconcile under way")
-            )));
-        }
-        let sessions = if include_stats {
-            // Fresh counters from the tun devices, read here on a blocking thread rather than in
-            // the registry, so a large query never holds up the registry's mailbox.
-            tokio::task::spawn_blocking(move || {
-                view.sessions
-                    .iter()
-                    .map(|s| {
-                        let fresh = (!s.device.is_empty())
-                            .then(|| counters::read(&s.device, s.id))
-                            .flatten();
-                        vpn_session(s, fresh.or(s.counters))
-                    })
-                    .collect::<Vec<_>>()
-            })
+        let cfg = self.ctx.config();
+        check_fresh(&view, cfg.ocserv.reconcile_interval)?;
+        // Bound the memory of replies being built and sent at once; the permit travels with the
+        // response until it has been written (see `grpc_edge`).
+        let count = view.sessions.len();
+        let cost = reply_cost_kib(count);
+        let permit = self
+            .ctx
+            .reply_gate
+            .enter_many(cost, cfg.grpc.request_timeout / 2)
             .await
-            .map_err(|e| Status::internal(format!("reading session counters: {e}")))?
-        } else {
-            view.sessions.iter().map(|s| vpn_session(s, None)).collect()
+            .map_err(|e| {
+                Status::resource_exhausted(format!("too many large replies in flight: {e}"))
+            })?;
+        let build = move || {
+            let sessions: Vec<pb::VpnSession> = view
+                .sessions
+                .iter()
+                .map(|s| {
+                    // Fresh counters from the session's own device, read here rather than in
+                    // the registry so a large query never holds up its mailbox.
+                    let fresh = include_stats
+                        .then(|| counters::read(&s.device, s.id))
+                        .flatten();
+                    vpn_session(s, fresh.or(s.counters).filter(|_| include_stats))
+                })
+                .collect();
+            pb::GetActiveSessionsResponse {
+                total_count: u32::try_from(sessions.len()).unwrap_or(u32::MAX),
+                sessions,
+            }
         };
-        Ok(pb::GetActiveSessionsResponse {
-            total_count: u32::try_from(sessions.len()).unwrap_or(u32::MAX),
-            sessions,
-        })
+        let reply = if include_stats || count > BLOCKING_ABOVE {
+            tokio::task::spawn_blocking(build)
+                .await
+                .map_err(|e| Status::internal(format!("building the session list: {e}")))?
+        } else {
+            build()
+        };
+        Ok((ReplyPermit(Arc::new(permit)), reply))
     }
 
     async fn disconnect_user_inner(
         &self,
+        peer: Option<Peer>,
         req: pb::DisconnectUserRequest,
     ) -> Result<pb::DisconnectUserResponse, Status> {
+        // One deadline for the whole call, inside the edge's grpc.request_timeout, so that
+        // every outcome (a partial one too) is answered rather than cut.
+        let budget = self.ctx.config().grpc.request_timeout;
+        let deadline = Instant::now() + budget.mul_f64(0.9);
         crate::validate::username(&req.username).map_err(|e| invalid(e.field, e.reason))?;
         if req.reason.len() > 1024 || req.reason.chars().any(char::is_control) {
             return Err(invalid(
@@ -259,39 +391,74 @@ impl VpnAgent {
         // Ask ocserv itself, not the registry: the answer must be current.
         let username = req.username.clone();
         let sessions = self
-            .ctl(true, |r| CtlMsg::UserInfo(username.clone(), r))
+            .ctl(deadline, true, |r| CtlMsg::UserInfo(username.clone(), r))
             .await?;
         let targets = disconnect_targets(&sessions, req.disconnect_all_sessions);
-        if targets.is_empty() {
-            return Err(Status::not_found(format!(
-                "username: no live session for user {:?}",
-                req.username
-            )));
-        }
         let mut done = Vec::new();
         let mut errors = Vec::new();
-        for id in targets {
-            match self.ctl(false, |r| CtlMsg::TerminateId(id, r)).await {
-                Ok(DisconnectOutcome::Done) => done.push(id),
-                // Ended on its own between the listing and now.
-                Ok(DisconnectOutcome::NotFound) => {}
-                Err(e) => errors.push(format!("session {id}: {}", e.message())),
+        let mut not_attempted = 0usize;
+        for key in &targets {
+            let claim = match self.ctx.kicks.claim(key, deadline).await {
+                Some(Claimed::Mine(c)) => c,
+                // Another caller disconnected it: not ours to count.
+                Some(Claimed::Taken) => continue,
+                None => {
+                    not_attempted += 1;
+                    continue;
+                }
+            };
+            if Instant::now() >= deadline {
+                claim.finish(false);
+                not_attempted += 1;
+                continue;
+            }
+            let k = key.clone();
+            match self
+                .ctl(deadline, false, |r| CtlMsg::DisconnectSession(k.clone(), r))
+                .await
+            {
+                Ok(DisconnectOutcome::Done) => {
+                    claim.finish(true);
+                    done.push(key.clone());
+                }
+                // Ended on its own, or its ID now names another session: nothing done.
+                Ok(DisconnectOutcome::NotFound) => claim.finish(false),
+                Err(e) => {
+                    claim.finish(false);
+                    errors.push(format!("session {key}: {}", e.message()));
+                }
             }
         }
+        if not_attempted > 0 {
+            errors.push(format!(
+                "{not_attempted} session(s) not attempted within grpc.request_timeout ({})",
+                humantime::format_duration(budget)
+            ));
+        }
         tracing::info!(
+            user = %req.username,
             sessions = done.len(),
             reason = %req.reason,
+            caller_uid = ?peer.as_ref().and_then(|p| p.uid),
+            caller_pid = ?peer.as_ref().and_then(|p| p.pid),
+            caller_addr = ?peer.as_ref().and_then(|p| p.addr),
             "disconnected sessions on request"
         );
         if !done.is_empty() {
-            let ids = done.clone();
             // Best effort: the next reconcile removes them anyway.
             if let Some(cell) = ractor::registry::where_is(SESSION_REGISTRY) {
-                let _ = cell.send_message(RegistryMsg::Forget(ids));
+                let _ = cell.send_message(RegistryMsg::Forget(done.clone()));
             }
         }
-        if done.is_empty() && !errors.is_empty() {
-            return Err(Status::unavailable(errors.join("; ")));
+        if done.is_empty() {
+            return Err(if !errors.is_empty() {
+                Status::unavailable(errors.join("; "))
+            } else {
+                Status::not_found(format!(
+                    "username: no live session for user {:?}",
+                    req.username
+                ))
+            });
         }
         Ok(pb::DisconnectUserResponse {
             success: errors.is_empty(),
@@ -313,8 +480,10 @@ mod tests {
             session(5, "a", 200),
             session(7, "a", 200),
         ];
-        assert_eq!(disconnect_targets(&s, false), vec![7]);
-        assert_eq!(disconnect_targets(&s, true), vec![10, 5, 7]);
+        let ids = |v: Vec<SessionKey>| v.into_iter().map(|k| k.id).collect::<Vec<_>>();
+        assert_eq!(ids(disconnect_targets(&s, false)), vec![7]);
+        assert_eq!(ids(disconnect_targets(&s, true)), vec![10, 5, 7]);
+        assert_eq!(disconnect_targets(&s, false)[0], s[2].key());
         assert!(disconnect_targets(&[], true).is_empty());
         assert!(disconnect_targets(&[], false).is_empty());
     }

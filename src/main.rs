@@ -2,20 +2,33 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use ocserv_agent::cli::{Cli, Command};
+use ocserv_agent::cli::{Cli, Command, Target, TargetArgs};
 use ocserv_agent::config::{self, ConfigSource, LogFormat};
 
-fn init_logging(cfg: &config::LogConfig) {
-    // RUST_LOG, when set, wins over log.level.
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+/// Sets up logging; returns how to change the level later (SIGHUP). RUST_LOG, when set, wins
+/// over `log.level` (and then a SIGHUP does not change it).
+fn init_logging(cfg: &config::LogConfig) -> ocserv_agent::app::SetLogLevel {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let pinned = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&cfg.level));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match cfg.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
+        LogFormat::Text => registry.with(fmt).init(),
     }
+    Box::new(move |level: &str| {
+        if pinned {
+            return Err("RUST_LOG is set and takes precedence".into());
+        }
+        handle
+            .reload(EnvFilter::new(level))
+            .map_err(|e| e.to_string())
+    })
 }
 
 fn load_or_exit(path: Option<&std::path::Path>) -> config::Loaded {
@@ -28,8 +41,13 @@ fn load_or_exit(path: Option<&std::path::Path>) -> config::Loaded {
     }
 }
 
-fn client_addr(explicit: Option<String>, path: Option<&std::path::Path>) -> String {
-    explicit.unwrap_or_else(|| format!("http://{}", load_or_exit(path).config.grpc.listen))
+/// Where the CLI reaches the agent: `--addr`, `--socket`, else the configured control socket.
+fn target(t: TargetArgs, path: Option<&std::path::Path>) -> Target {
+    match (t.addr, t.socket) {
+        (Some(addr), _) => Target::Tcp(addr),
+        (None, Some(socket)) => Target::Socket(socket),
+        (None, None) => Target::Socket(load_or_exit(path).config.grpc.socket),
+    }
 }
 
 fn main() {
@@ -48,7 +66,7 @@ fn main() {
     let code = match cli.command.unwrap_or(Command::Run) {
         Command::Run => {
             let loaded = load_or_exit(path);
-            init_logging(&loaded.config.log);
+            let set_log_level = init_logging(&loaded.config.log);
             match &loaded.source {
                 ConfigSource::File(p) => {
                     tracing::info!(file = %p.display(), "configuration loaded")
@@ -64,6 +82,7 @@ fn main() {
             rt.block_on(ocserv_agent::app::run(
                 loaded.config,
                 path.map(std::path::Path::to_path_buf),
+                set_log_level,
             ))
         }
         Command::CheckConfig => {
@@ -71,18 +90,22 @@ fn main() {
             print!("{}", loaded.render());
             0
         }
-        Command::Sessions { user, json, addr } => {
-            let addr = client_addr(addr, path);
-            finish(rt.block_on(ocserv_agent::cli::sessions(&addr, user, json)))
+        Command::Sessions {
+            user,
+            json,
+            target: t,
+        } => {
+            let t = target(t, path);
+            finish(rt.block_on(ocserv_agent::cli::sessions(&t, user, json)))
         }
         Command::Disconnect {
             user,
             all,
             reason,
-            addr,
+            target: t,
         } => {
-            let addr = client_addr(addr, path);
-            finish(rt.block_on(ocserv_agent::cli::disconnect(&addr, user, all, reason)))
+            let t = target(t, path);
+            finish(rt.block_on(ocserv_agent::cli::disconnect(&t, user, all, reason)))
         }
     };
     std::process::exit(code);

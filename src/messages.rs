@@ -7,10 +7,14 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::RpcReplyPort;
 
-use crate::ocserv::{Ban, Cookie, CtlResult, DisconnectOutcome, ServerStatus, Session};
+use crate::ocserv::{
+    Ban, Cookie, CtlError, CtlResult, DisconnectOutcome, ServerStatus, Session, SessionKey,
+};
+use crate::tree::Child;
 
 /// To `OcservCtl`: one request to ocserv each. Every variant is answered, success or typed error.
 #[derive(Debug)]
@@ -23,6 +27,9 @@ pub enum CtlMsg {
     DisconnectId(u32, RpcReplyPort<CtlResult<DisconnectOutcome>>),
     TerminateUser(String, RpcReplyPort<CtlResult<DisconnectOutcome>>),
     TerminateId(u32, RpcReplyPort<CtlResult<DisconnectOutcome>>),
+    /// Disconnects one session by its full identity, re-checked by ocserv in the same step;
+    /// `NotFound` when the ID is gone or now names another session.
+    DisconnectSession(SessionKey, RpcReplyPort<CtlResult<DisconnectOutcome>>),
     ListBanned(RpcReplyPort<CtlResult<Vec<Ban>>>),
     UnbanIp(IpAddr, RpcReplyPort<CtlResult<DisconnectOutcome>>),
     Reload(RpcReplyPort<CtlResult<()>>),
@@ -30,15 +37,38 @@ pub enum CtlMsg {
     Crash,
 }
 
+/// Why a cross-actor call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CallError {
+    #[error("actor {0} is not running (restarting?)")]
+    Unavailable(&'static str),
+    #[error("actor {0} did not answer in time")]
+    Timeout(&'static str),
+    #[error("actor {0} stopped before answering")]
+    Lost(&'static str),
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReconcileError {
+    /// ocserv answered badly or not at all.
+    #[error("{0}")]
+    Ocserv(Arc<CtlError>),
+    /// `OcservCtl` could not be reached.
+    #[error(transparent)]
+    Actor(#[from] CallError),
+}
+
 /// A consistent view of the registry, for one query.
 #[derive(Debug, Clone)]
 pub struct SessionsView {
     /// Matching sessions, ordered by ocserv ID (shared with the registry's table).
     pub sessions: Vec<Arc<Session>>,
-    /// False until the registry has once agreed with ocserv since it (re)started.
-    pub synced: bool,
+    /// How long ago the view last agreed with ocserv; `None` until it has once since the
+    /// registry (re)started.
+    pub age: Option<Duration>,
     /// Why the last reconcile failed, when it did.
-    pub last_error: Option<String>,
+    pub last_error: Option<ReconcileError>,
 }
 
 /// What one reconcile did.
@@ -49,6 +79,8 @@ pub struct ReconcileReport {
     pub closed: usize,
 }
 
+pub type ReconcileResult = Result<ReconcileReport, ReconcileError>;
+
 /// To `SessionRegistry`.
 #[derive(Debug)]
 pub enum RegistryMsg {
@@ -58,22 +90,29 @@ pub enum RegistryMsg {
         reply: RpcReplyPort<SessionsView>,
     },
     /// Reconcile now; the reply comes once ocserv's list has been applied (or failed).
-    ReconcileNow(RpcReplyPort<Result<ReconcileReport, String>>),
+    ReconcileNow(RpcReplyPort<ReconcileResult>),
     /// Periodic timer.
     Tick,
-    /// A fetched session list (or the error), applied by the actor.
+    /// The session list of fetch number `fetch` (or the error), applied by the actor.
     Fetched {
-        result: Result<Vec<Session>, String>,
-        waiters: Vec<RpcReplyPort<Result<ReconcileReport, String>>>,
+        fetch: u64,
+        result: Result<Vec<Session>, ReconcileError>,
+        waiters: Vec<RpcReplyPort<ReconcileResult>>,
     },
-    /// Sessions the agent just disconnected: drop them without waiting for the next reconcile.
-    Forget(Vec<u32>),
+    /// Sessions the agent just disconnected, by full identity: dropped at once, and kept out
+    /// of any reconcile whose fetch started before this notice.
+    Forget(Vec<SessionKey>),
     Crash,
 }
 
-/// To the `GrpcFrontDoor` and `MetricsServer` actors: they serve on their own; only chaos.
+/// To the `GrpcFrontDoor` and `MetricsServer` actors.
 #[derive(Debug)]
 pub enum ServerMsg {
+    /// A serving task ended (with its error, if any): the actor fails unless it is draining.
+    Ended {
+        listener: &'static str,
+        error: Option<String>,
+    },
     Crash,
 }
 
@@ -81,10 +120,10 @@ pub enum ServerMsg {
 #[derive(Debug)]
 pub enum SupervisorMsg {
     /// Restart a child (sent after its backoff delay).
-    Restart(crate::actors::Child),
+    Restart(Child),
     /// A restart finished, or failed with the reason.
     Restarted {
-        child: crate::actors::Child,
+        child: Child,
         result: Result<(), String>,
     },
     /// Ordered shutdown: stop children in reverse start order, then the supervisor.

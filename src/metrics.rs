@@ -38,6 +38,21 @@ pub struct GrpcLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    pub listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: &'static str,
+    /// `limit` (over the connection cap), `peer_uid` (a peer not in `allowed_uids`),
+    /// `descriptors` (accept failed for lack of file descriptors).
+    pub reason: &'static str,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
     pub version: &'static str,
 }
@@ -50,7 +65,12 @@ fn latency_histogram() -> Histogram {
 /// Every metric the agent exports.
 pub struct Metrics {
     registry: Registry,
-    pub active_sessions: Gauge,
+    /// NaN while the session view is stale (see `crate::health`).
+    pub active_sessions: FloatGauge,
+    pub session_view_age: FloatGauge,
+    pub ready: Gauge,
+    pub connections_open: Family<ListenerLabel, Gauge>,
+    pub connections_refused: Family<RefusedLabels, Counter>,
     pub ocserv_requests: Family<CommandStatus, Counter>,
     pub ocserv_request_duration: Family<CommandLabel, Histogram, fn() -> Histogram>,
     pub actor_restarts: Family<ActorLabel, Counter>,
@@ -73,11 +93,32 @@ impl Metrics {
     pub fn new() -> Self {
         let mut root = Registry::default();
         let agent = root.sub_registry_with_prefix("ocserv_agent");
-        let m_active = Gauge::default();
+        let m_active = FloatGauge::default();
         agent.register(
             "active_sessions",
-            "Live ocserv sessions known to the session registry",
+            "Live ocserv sessions known to the session registry (NaN while its view is stale)",
             m_active.clone(),
+        );
+        let session_view_age = FloatGauge::default();
+        agent.register_with_unit(
+            "session_view_age",
+            "Time since the session registry last agreed with ocserv (NaN: never)",
+            prometheus_client::registry::Unit::Seconds,
+            session_view_age.clone(),
+        );
+        let ready = Gauge::default();
+        agent.register("ready", "1 when /readyz answers 200, else 0", ready.clone());
+        let connections_open = Family::<ListenerLabel, Gauge>::default();
+        agent.register(
+            "connections_open",
+            "Open connections per listener",
+            connections_open.clone(),
+        );
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
+        agent.register(
+            "connections_refused",
+            "Connections closed at once or refused, by listener and cause",
+            connections_refused.clone(),
         );
         let ocserv_requests = Family::<CommandStatus, Counter>::default();
         agent.register(
@@ -119,7 +160,7 @@ impl Metrics {
         let ocserv_up = Gauge::default();
         ocserv.register(
             "up",
-            "1 when ocserv answered the last request, else 0",
+            "1 when the agent's last exchange with ocserv succeeded, else 0",
             ocserv_up.clone(),
         );
         let ocserv_total_sessions = Gauge::default();
@@ -155,6 +196,10 @@ impl Metrics {
         Self {
             registry: root,
             active_sessions: m_active,
+            session_view_age,
+            ready,
+            connections_open,
+            connections_refused,
             ocserv_requests,
             ocserv_request_duration,
             actor_restarts,
@@ -187,13 +232,45 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Whether ocserv answered the last request; what `/readyz` reports.
+    /// A call refused before it reached ocserv (our own bound, or an invalid argument).
+    pub fn observe_ocserv_refused(&self, command: &'static str) {
+        self.ocserv_requests
+            .get_or_create(&CommandStatus {
+                command,
+                status: "refused",
+            })
+            .inc();
+    }
+
+    /// Whether the agent's last exchange with ocserv succeeded.
     pub fn set_ocserv_up(&self, up: bool) {
         self.ocserv_up.set(i64::from(up));
     }
 
-    pub fn ocserv_is_up(&self) -> bool {
-        self.ocserv_up.get() == 1
+    /// The number of connected sessions, or `None` while nobody knows it (stale view).
+    pub fn set_active_sessions(&self, n: Option<usize>) {
+        self.active_sessions.set(n.map_or(f64::NAN, |n| n as f64));
+    }
+
+    /// Refreshes the figures computed at scrape time from the shared health record.
+    pub fn refresh(&self, health: &crate::health::Health) {
+        let inputs = health.inputs();
+        self.session_view_age
+            .set(inputs.since_sync.map_or(f64::NAN, |d| d.as_secs_f64()));
+        self.ready
+            .set(i64::from(crate::health::verdict(inputs).is_ok()));
+        if inputs
+            .since_sync
+            .is_none_or(|age| crate::health::too_old(age, inputs.reconcile_interval))
+        {
+            self.set_active_sessions(None);
+        }
+    }
+
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels { listener, reason })
+            .inc();
     }
 
     /// Copies ocserv's server-wide figures. ocserv's own counters are absolute and reset when it
@@ -263,6 +340,8 @@ mod tests {
         m.observe_ocserv("list", true, Duration::from_millis(1));
         m.actor_restarted("session_registry");
         m.grpc_request("GetActiveSessions", tonic::Code::NotFound);
+        m.set_active_sessions(Some(0));
+        m.connection_refused("grpc_socket", "peer_uid");
         m.set_ocserv_status(&ServerStatus {
             active_sessions: 3,
             bytes_in: 5000,
@@ -271,18 +350,36 @@ mod tests {
         });
         let text = m.encode();
         for needle in [
-            "ocserv_agent_active_sessions 0",
+            "ocserv_agent_active_sessions 0.0",
             "ocserv_agent_ocserv_requests_total{command=\"list\",status=\"ok\"} 1",
             "ocserv_agent_ocserv_request_duration_seconds_count{command=\"list\"} 1",
             "ocserv_agent_actor_restarts_total{actor=\"session_registry\"} 1",
             "ocserv_agent_grpc_requests_total{method=\"GetActiveSessions\",code=\"NOT_FOUND\"} 1",
             "ocserv_agent_build_info{version=\"",
             "ocserv_up 0",
+            "ocserv_agent_connections_refused_total{listener=\"grpc_socket\",reason=\"peer_uid\"} 1",
             "ocserv_total_sessions 3",
             "ocserv_bytes_in_total 5000",
             "ocserv_auth_failures_total 2",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn a_stale_view_clears_the_sessions_gauge() {
+        let m = Metrics::new();
+        let h = crate::health::Health::new(Duration::from_secs(10));
+        m.set_active_sessions(Some(3));
+        h.ocserv_answered();
+        h.synced();
+        m.refresh(&h);
+        assert_eq!(m.active_sessions.get(), 3.0);
+        assert_eq!(m.ready.get(), 1);
+        let never = crate::health::Health::new(Duration::from_secs(10));
+        m.refresh(&never);
+        assert!(m.active_sessions.get().is_nan());
+        assert!(m.session_view_age.get().is_nan());
+        assert_eq!(m.ready.get(), 0);
     }
 }

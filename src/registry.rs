@@ -7,8 +7,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::ocserv::Session;
+use crate::backoff::Backoff;
+use crate::ocserv::{Session, SessionKey};
 
 /// Live sessions by ocserv ID. Entries are shared (`Arc`) so a query copies pointers, not
 /// sessions.
@@ -96,9 +98,142 @@ impl SessionTable {
     }
 
     /// Removes sessions known to be gone (e.g. just disconnected) without waiting for the next
-    /// reconcile; returns those that were present.
-    pub fn remove(&mut self, ids: &[u32]) -> Vec<Arc<Session>> {
-        ids.iter().filter_map(|id| self.by_id.remove(id)).collect()
+    /// reconcile, each only if the table holds that very session (not a newer one under a
+    /// recycled ID); returns those removed.
+    pub fn remove(&mut self, keys: &[SessionKey]) -> Vec<Arc<Session>> {
+        keys.iter()
+            .filter_map(|k| match self.by_id.get(&k.id) {
+                Some(s) if k.matches(s) => self.by_id.remove(&k.id),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Sessions the agent itself just disconnected, so that a reconcile whose fetch started before
+/// the kick cannot bring them back. Fetches are numbered in start order; a tombstone recorded
+/// while fetch `n` was the latest started filters the results of fetches `<= n` and is dropped
+/// once a later fetch is applied (that fetch saw ocserv after the kick, and its word wins).
+#[derive(Debug, Default, Clone)]
+pub struct Forgotten {
+    entries: Vec<(SessionKey, u64)>,
+}
+
+/// At most this many tombstones are kept (oldest dropped first) while fetches keep failing.
+pub const MAX_FORGOTTEN: usize = 10_000;
+
+impl Forgotten {
+    /// Records `keys` as gone; `latest_started` is the number of the latest fetch started.
+    pub fn add(&mut self, keys: impl IntoIterator<Item = SessionKey>, latest_started: u64) {
+        self.entries
+            .extend(keys.into_iter().map(|k| (k, latest_started)));
+        if self.entries.len() > MAX_FORGOTTEN {
+            let excess = self.entries.len() - MAX_FORGOTTEN;
+            self.entries.drain(..excess);
+        }
+    }
+
+    /// Removes from `fresh` (the result of fetch number `fetch`) the sessions forgotten after
+    /// that fetch started, and drops the tombstones that fetch made obsolete.
+    pub fn filter(&mut self, fresh: Vec<Session>, fetch: u64) -> Vec<Session> {
+        let fresh = fresh
+            .into_iter()
+            .filter(|s| {
+                !self
+                    .entries
+                    .iter()
+                    .any(|(k, at)| fetch <= *at && k.matches(s))
+            })
+            .collect();
+        self.entries.retain(|(_, at)| *at >= fetch);
+        fresh
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The registry's synchronization state: fetches in flight, the last success, and the early
+/// retry schedule used until the registry has once agreed with ocserv (after a restart `OcservCtl`
+/// may itself still be coming back, and waiting a whole interval would leave the view empty).
+#[derive(Debug, Clone)]
+pub struct SyncState {
+    last_sync: Option<Instant>,
+    failures: u32,
+    /// Number of the latest fetch started (0: none yet).
+    started: u64,
+    in_flight: bool,
+    retry: Backoff,
+}
+
+/// What the actor should do after a fetch result was applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterFetch {
+    /// Nothing until the next tick.
+    Wait,
+    /// Not yet synchronized: try again after this delay.
+    RetryAfter(Duration),
+}
+
+impl SyncState {
+    /// Early retries start at 50 ms and double up to the reconcile interval.
+    pub fn new(reconcile_interval: Duration) -> Self {
+        let first = Duration::from_millis(50);
+        Self {
+            last_sync: None,
+            failures: 0,
+            started: 0,
+            in_flight: false,
+            retry: Backoff::new(first, reconcile_interval.max(first), 2.0)
+                .expect("50 ms initial, max >= initial, multiplier 2 are valid"),
+        }
+    }
+
+    /// Starts a fetch unless one is under way; returns its number.
+    pub fn begin(&mut self) -> Option<u64> {
+        if self.in_flight {
+            return None;
+        }
+        self.in_flight = true;
+        self.started += 1;
+        Some(self.started)
+    }
+
+    /// Number of the latest fetch started.
+    pub fn latest_started(&self) -> u64 {
+        self.started
+    }
+
+    /// Records the outcome of the fetch under way.
+    pub fn finish(&mut self, ok: bool, now: Instant) -> AfterFetch {
+        self.in_flight = false;
+        if ok {
+            self.last_sync = Some(now);
+            self.failures = 0;
+            return AfterFetch::Wait;
+        }
+        let attempt = self.failures;
+        self.failures = self.failures.saturating_add(1);
+        if self.last_sync.is_none() {
+            AfterFetch::RetryAfter(self.retry.delay(attempt))
+        } else {
+            AfterFetch::Wait
+        }
+    }
+
+    /// When the view last agreed with ocserv (None: never since this registry started).
+    pub fn last_sync(&self) -> Option<Instant> {
+        self.last_sync
+    }
+
+    /// Failed fetches in a row.
+    pub fn failures(&self) -> u32 {
+        self.failures
     }
 }
 
@@ -194,6 +329,72 @@ pub(crate) mod tests {
         t.reconcile(vec![s]);
         t.reconcile(vec![session(1, "a", 10)]);
         assert_eq!(t.get(1).unwrap().counters.unwrap().bytes_out, 2);
+    }
+
+    #[test]
+    fn remove_takes_only_the_very_session() {
+        let mut t = SessionTable::default();
+        t.reconcile(vec![session(1, "a", 10), session(2, "b", 10)]);
+        // A key of an older session under the recycled ID 2 removes nothing.
+        assert!(t.remove(&[session(2, "old", 5).key()]).is_empty());
+        assert_eq!(t.remove(&[session(1, "a", 10).key()]).len(), 1);
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_fetch_started_before_a_kick_cannot_bring_the_session_back() {
+        let mut f = Forgotten::default();
+        let kicked = session(4, "a", 10);
+        // Fetch 1 started, then the agent kicked session 4, then fetch 1 came back still listing it.
+        f.add([kicked.key()], 1);
+        let fresh = f.filter(vec![kicked.clone(), session(5, "b", 10)], 1);
+        assert_eq!(fresh.iter().map(|s| s.id).collect::<Vec<_>>(), vec![5]);
+        assert_eq!(f.len(), 1, "still needed for fetch 1's stragglers");
+        // Fetch 2 started after the kick: its word wins and the tombstone goes.
+        let fresh = f.filter(vec![kicked.clone()], 2);
+        assert_eq!(fresh.len(), 1);
+        assert!(f.is_empty());
+        // A new session under the recycled ID is never filtered.
+        f.add([kicked.key()], 3);
+        assert_eq!(f.filter(vec![session(4, "c", 99)], 3).len(), 1);
+    }
+
+    #[test]
+    fn tombstones_are_bounded() {
+        let mut f = Forgotten::default();
+        f.add(
+            (0..MAX_FORGOTTEN as u32 + 5).map(|i| session(i, "a", 1).key()),
+            1,
+        );
+        assert_eq!(f.len(), MAX_FORGOTTEN);
+    }
+
+    #[test]
+    fn sync_state_retries_early_only_until_first_sync() {
+        let mut s = SyncState::new(Duration::from_secs(10));
+        let t = Instant::now();
+        assert_eq!(s.begin(), Some(1));
+        assert_eq!(s.begin(), None, "one fetch at a time");
+        let AfterFetch::RetryAfter(d) = s.finish(false, t) else {
+            panic!("never synced: early retry")
+        };
+        assert!(d <= Duration::from_millis(50));
+        assert_eq!(s.begin(), Some(2));
+        let AfterFetch::RetryAfter(d2) = s.finish(false, t) else {
+            panic!("never synced: early retry")
+        };
+        assert!(d2 >= Duration::from_millis(50) && d2 <= Duration::from_millis(100));
+        assert_eq!(s.failures(), 2);
+        s.begin();
+        assert_eq!(s.finish(true, t), AfterFetch::Wait);
+        assert_eq!((s.last_sync(), s.failures()), (Some(t), 0));
+        s.begin();
+        assert_eq!(
+            s.finish(false, t),
+            AfterFetch::Wait,
+            "synced once: wait for the tick"
+        );
+        assert_eq!(s.last_sync(), Some(t), "a failure keeps the last sync time");
     }
 
     proptest! {

@@ -69,8 +69,8 @@ async fn sessions_have_details_and_growing_counters() {
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
-    let addr = format!("http://{}", a.grpc_addr);
-    let table = cli(vec!["sessions".into(), "--addr".into(), addr.clone()]).await;
+    let addr = a.grpc_socket.display().to_string();
+    let table = cli(vec!["sessions".into(), "--socket".into(), addr.clone()]).await;
     assert!(table.starts_with("ID "), "{table}");
     assert!(
         table.contains("alice") && table.contains("staff") && table.contains("bob"),
@@ -82,7 +82,7 @@ async fn sessions_have_details_and_growing_counters() {
         "--json".into(),
         "--user".into(),
         "bob".into(),
-        "--addr".into(),
+        "--socket".into(),
         addr,
     ])
     .await;
@@ -180,8 +180,8 @@ async fn disconnect_user_drops_clients_and_counts_them() {
     assert!(e.message().contains("username"), "{e:?}");
     // The CLI says the same, with exit code 1.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocserv-agent"))
-        .args(["disconnect", "nobody-here", "--addr"])
-        .arg(format!("http://{}", a.grpc_addr))
+        .args(["disconnect", "nobody-here", "--socket"])
+        .arg(&a.grpc_socket)
         .output()
         .await
         .unwrap();

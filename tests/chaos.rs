@@ -55,7 +55,7 @@ async fn every_actor_heals_under_load_without_dropping_sessions() {
     // A stream of queries during the whole run; every call must be answered within its deadline.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let addr = a.grpc_addr;
+    let socket = a.grpc_socket.clone();
     let load = {
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
         tokio::spawn(async move {
@@ -64,7 +64,10 @@ async fn every_actor_heals_under_load_without_dropping_sessions() {
                 let t = Instant::now();
                 // A fresh connection sometimes, to also cross a front-door restart.
                 let r = async {
-                    let mut c = ocserv_agent::proto::agent::v1::vpn_agent_service_client::VpnAgentServiceClient::connect(format!("http://{addr}")).await.map_err(|e| e.to_string())?;
+                    let target = ocserv_agent::cli::Target::Socket(socket.clone());
+                    let mut c = ocserv_agent::cli::connect(&target)
+                        .await
+                        .map_err(|e| e.message)?;
                     agent::sessions(&mut c, "").await.map_err(|e| e.to_string())
                 };
                 match tokio::time::timeout(Duration::from_secs(5), r).await {
@@ -106,6 +109,12 @@ async fn every_actor_heals_under_load_without_dropping_sessions() {
         "queries ok={} not-ok={} worst={worst:?} restarts={restart_times:?}",
         ok.load(Ordering::Relaxed),
         failed.load(Ordering::Relaxed)
+    );
+    // Every call during the kills was answered, and answered successfully.
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "calls answered with an error"
     );
     assert!(
         ok.load(Ordering::Relaxed) > 10,

@@ -529,6 +529,8 @@ impl ChildAgent {
             .arg("run")
             .env("OCSERV_AGENT__OCSERV__CONTROL_SOCKET", socket)
             .env("OCSERV_AGENT__GRPC__LISTEN", grpc.to_string())
+            .env("OCSERV_AGENT__GRPC__INSECURE", "true")
+            .env("OCSERV_AGENT__GRPC__SOCKET", dir.path().join("agent.sock"))
             .env("OCSERV_AGENT__METRICS__LISTEN", metrics.to_string())
             .env("OCSERV_AGENT__LOG__LEVEL", "warn")
             .env_remove("RUST_LOG")

@@ -1,27 +1,78 @@
-//! `GrpcFrontDoor`: the tonic server on the gRPC listener.
+//! `GrpcFrontDoor`: the gRPC server on the control socket (and the TCP address, when configured).
 //!
-//! Serves `agent.v1.VPNAgentService` ([`crate::grpc::VpnAgent`]), `grpc.health.v1.Health` and
-//! server reflection (v1) from the descriptor set built into the binary. Requests in flight
-//! (across all connections) and request duration are bounded from `[grpc]`. The configuration
-//! check refuses a plaintext bind on anything but loopback; mTLS arrives with a later release.
+//! Serves `agent.v1.VPNAgentService` ([`crate::grpc::VpnAgent`]), `grpc.health.v1.Health` and server
+//! reflection (v1 and v1alpha, advertising only the services served here) behind the
+//! [`crate::grpc_edge::Edge`] (peer check, read and request timeouts, the global concurrency gate,
+//! request counting), on the shared [`crate::serve`] shell (connection cap, idle timeout, HTTP/2
+//! stream and keepalive limits, drain on stop).
 //!
-//! The listener is bound once at start-up (`app::start`) and shared, so a restarted front door
-//! accepts on the same socket; the server task lives in the actor's state and is aborted with it
-//! (connections already accepted finish on their own tasks).
+//! Health reports `SERVING` while the agent is ready ([`crate::health`]) and `NOT_SERVING`
+//! otherwise, re-checked every [`HEALTH_POLL`].
+//!
+//! The listeners are bound once at start-up (`app::start`); a restarted front door accepts on the
+//! same sockets and the connections already accepted go on. When a serving task ends the actor
+//! fails and is restarted.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
-use tower::limit::GlobalConcurrencyLimitLayer;
+use tonic::service::Routes;
+use tonic_health::server::HealthReporter;
 
-use crate::actors::{accept_on, Context, ServingState};
+use crate::actors::{serve_on, server_drain, server_handle, AbortOnDrop, Context, ServingState};
 use crate::grpc::VpnAgent;
+use crate::grpc_edge::Edge;
 use crate::messages::ServerMsg;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentServiceServer;
 
 pub struct GrpcFrontDoor;
+
+/// How often the health service's status follows readiness.
+pub const HEALTH_POLL: Duration = Duration::from_millis(250);
+
+/// The services this front door serves, as advertised by reflection.
+pub const SERVED: [&str; 2] = ["agent.v1.VPNAgentService", "grpc.health.v1.Health"];
+
+async fn follow_readiness(ctx: Arc<Context>, reporter: HealthReporter) {
+    use tonic_health::ServingStatus;
+    let mut last = None;
+    loop {
+        let now = if ctx.health.check().is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(now) {
+            reporter.set_service_status("", now).await;
+            reporter.set_service_status(SERVED[0], now).await;
+            last = Some(now);
+        }
+        tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+fn routes(ctx: &Arc<Context>) -> Result<(Routes, HealthReporter), ActorProcessingErr> {
+    let cfg = ctx.config();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let mut v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    let mut v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+    for name in SERVED {
+        v1 = v1.with_service_name(name);
+        v1alpha = v1alpha.with_service_name(name);
+    }
+    let agent = VpnAgent::new(ctx.clone(), cfg.supervisor.call_timeout);
+    let routes = Routes::new(health_service)
+        .add_service(v1.build_v1()?)
+        .add_service(v1alpha.build_v1alpha()?)
+        .add_service(VpnAgentServiceServer::new(agent))
+        .prepare();
+    Ok((routes, reporter))
+}
 
 impl Actor for GrpcFrontDoor {
     type Msg = ServerMsg;
@@ -30,52 +81,36 @@ impl Actor for GrpcFrontDoor {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let cfg = &ctx.config;
-        // Small replies must not wait on the client's delayed ACK (measured: 40 ms per call).
-        let incoming = TcpIncoming::from(accept_on(&ctx.grpc_listener)?).with_nodelay(Some(true));
-
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<VpnAgentServiceServer<VpnAgent>>()
-            .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let agent = VpnAgent::new(
-            ctx.metrics.clone(),
-            cfg.supervisor.call_timeout,
-            cfg.ocserv.request_timeout,
-        );
-        // One limit across all connections: requests beyond it wait for a slot, so the work the
-        // agent takes on is bounded at its edge whatever the number of clients.
-        let router = Server::builder()
-            .timeout(cfg.grpc.request_timeout)
-            .layer(GlobalConcurrencyLimitLayer::new(
-                cfg.grpc.max_concurrent_requests,
-            ))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(VpnAgentServiceServer::new(agent));
-        let server = tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming(incoming).await {
-                tracing::error!(error = %e, "gRPC server stopped");
-            }
-        });
-        Ok(ServingState::new(server))
+        let (routes, reporter) = routes(&ctx)?;
+        let follower: AbortOnDrop = tokio::spawn(follow_readiness(ctx.clone(), reporter)).into();
+        let edge = Edge::new(routes, ctx.clone());
+        Ok(serve_on(
+            &myself,
+            &ctx,
+            ctx.grpc_endpoints.clone(),
+            edge,
+            vec![follower],
+        ))
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        _state: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            ServerMsg::Crash => panic!("chaos: crash requested for {}", super::GRPC_FRONT_DOOR),
-        }
+        server_handle(super::GRPC_FRONT_DOOR, msg, state)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        server_drain(super::GRPC_FRONT_DOOR, state).await;
+        Ok(())
     }
 }

@@ -1,11 +1,14 @@
-//! `MetricsServer`: HTTP on the metrics listener (loopback by default).
+//! `MetricsServer`: HTTP on the metrics listener (loopback unless `metrics.allow_non_loopback`).
 //!
-//! - `GET /metrics`: Prometheus text format from the shared registry.
+//! - `GET /metrics`: Prometheus text format from the shared registry (figures computed at scrape
+//!   time, such as the session view's age, are refreshed first).
 //! - `GET /healthz`: 200 while the process serves (liveness).
-//! - `GET /readyz`: 200 once ocserv answered the agent's last request, else 503 with the reason.
+//! - `GET /readyz`: 200 while the agent is ready ([`crate::health`]), else 503 with the reason.
 //!
-//! The listener is bound once at start-up (`app::start`); a restarted `MetricsServer` accepts on the same
-//! socket. The server task lives in the actor's state and is aborted with it.
+//! Served on the shared [`crate::serve`] shell: `metrics.max_connections`, `metrics.idle_timeout`,
+//! `metrics.header_timeout`. The listener is bound once at start-up (`app::start`); a restarted
+//! `MetricsServer` accepts on the same socket. When its serving task ends the actor fails and is
+//! restarted.
 
 use std::sync::Arc;
 
@@ -16,19 +19,19 @@ use axum::routing::get;
 use axum::Router;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
-use crate::actors::{accept_on, Context, ServingState};
+use crate::actors::{serve_on, server_drain, server_handle, Context, ServingState};
 use crate::messages::ServerMsg;
-use crate::metrics::Metrics;
 
 pub struct MetricsServer;
 
-async fn serve_metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn serve_metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    ctx.metrics.refresh(&ctx.health);
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.encode(),
+        ctx.metrics.encode(),
     )
 }
 
@@ -36,24 +39,23 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
-    if m.ocserv_is_up() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+async fn readyz(State(ctx): State<Arc<Context>>) -> (StatusCode, String) {
+    match ctx.health.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: ocserv did not answer the last request\n",
-        )
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
 /// The HTTP routes, separate from the actor so they can be tested without a socket.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub fn router(ctx: Arc<Context>) -> Router {
     Router::new()
         .route("/metrics", get(serve_metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(metrics)
+        .with_state(ctx)
 }
 
 impl Actor for MetricsServer {
@@ -63,27 +65,34 @@ impl Actor for MetricsServer {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let listener = accept_on(&ctx.metrics_listener)?;
-        let app = router(ctx.metrics.clone());
-        let server = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
-        Ok(ServingState::new(server))
+        let app = router(ctx.clone());
+        Ok(serve_on(
+            &myself,
+            &ctx,
+            vec![ctx.metrics_endpoint.clone()],
+            app,
+            Vec::new(),
+        ))
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
-        _state: &mut Self::State,
+        state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            ServerMsg::Crash => panic!("chaos: crash requested for {}", super::METRICS_SERVER),
-        }
+        server_handle(super::METRICS_SERVER, msg, state)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        server_drain(super::METRICS_SERVER, state).await;
+        Ok(())
     }
 }

@@ -10,37 +10,24 @@ pub mod ocserv_ctl;
 pub mod session_registry;
 pub mod supervisor;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
-use ractor::{Message, RpcReplyPort};
+use ractor::{ActorProcessingErr, ActorRef, Message, RpcReplyPort};
 
 use crate::config::Config;
+use crate::gate::Gate;
+use crate::health::Health;
+use crate::messages::ServerMsg;
 use crate::metrics::Metrics;
+use crate::serve::Endpoint;
 
-/// The children of the root supervisor, in start order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Child {
-    OcservCtl,
-    SessionRegistry,
-    MetricsServer,
-    GrpcFrontDoor,
-}
+pub use crate::tree::{
+    Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY, SUPERVISOR,
+};
 
 impl Child {
-    pub const ALL: [Child; 4] = [
-        Child::OcservCtl,
-        Child::SessionRegistry,
-        Child::MetricsServer,
-        Child::GrpcFrontDoor,
-    ];
-
-    /// The child registered under `name`, if any.
-    pub fn from_name(name: &str) -> Option<Child> {
-        Child::ALL.into_iter().find(|c| c.name() == name)
-    }
-
     /// Chaos hook, reachable only from inside the process: stops the running actor with
     /// `kill()` (the supervisor sees `ActorTerminated`) or makes its handler panic through its
     /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
@@ -64,43 +51,75 @@ impl Child {
         }
         Some(cell.get_id())
     }
+}
 
-    /// The registered actor name (also the `actor` label of the restart counter).
-    pub fn name(self) -> &'static str {
-        match self {
-            Child::OcservCtl => OCSERV_CTL,
-            Child::SessionRegistry => SESSION_REGISTRY,
-            Child::MetricsServer => METRICS_SERVER,
-            Child::GrpcFrontDoor => GRPC_FRONT_DOOR,
+/// What every actor is started with: configuration, and everything that must outlive an actor's
+/// restart (metrics, readiness record, the gates that bound work in flight, the listeners bound
+/// once at start-up so clients never find a socket closed).
+pub struct Context {
+    config: RwLock<Arc<Config>>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Calls to ocserv in flight (`ocserv.max_in_flight`, `ocserv.max_queued`).
+    pub ocserv_gate: Gate,
+    /// `agent.v1` requests in flight (`grpc.max_concurrent_requests`).
+    pub grpc_gate: Gate,
+    /// Memory of large replies being built and sent, in KiB ([`crate::grpc::REPLY_BUDGET_KIB`]).
+    pub reply_gate: Gate,
+    /// Sessions being disconnected right now, so concurrent kicks of one session count once.
+    pub kicks: crate::grpc::Kicks,
+    /// The gRPC listeners: the Unix socket, then the TCP address when configured.
+    pub grpc_endpoints: Vec<Arc<Endpoint>>,
+    pub metrics_endpoint: Arc<Endpoint>,
+}
+
+impl Context {
+    pub fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        grpc_endpoints: Vec<Arc<Endpoint>>,
+        metrics_endpoint: Arc<Endpoint>,
+    ) -> Self {
+        let c = &config;
+        Self {
+            health: Arc::new(Health::new(c.ocserv.reconcile_interval)),
+            ocserv_gate: Gate::new(c.ocserv.max_in_flight as u32, c.ocserv.max_queued),
+            grpc_gate: Gate::new(
+                c.grpc.max_concurrent_requests as u32,
+                c.grpc.max_concurrent_requests,
+            ),
+            reply_gate: Gate::new(
+                crate::grpc::REPLY_BUDGET_KIB,
+                c.grpc.max_concurrent_requests,
+            ),
+            kicks: Default::default(),
+            config: RwLock::new(Arc::new(config)),
+            metrics,
+            grpc_endpoints,
+            metrics_endpoint,
         }
+    }
+
+    /// The configuration in force (values that SIGHUP may change are read through here).
+    pub fn config(&self) -> Arc<Config> {
+        self.config
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a new configuration (after validation, on SIGHUP).
+    pub fn reconfigure(&self, config: Config) {
+        self.health
+            .set_reconcile_interval(config.ocserv.reconcile_interval);
+        *self
+            .config
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(config);
     }
 }
 
-pub const SUPERVISOR: &str = "supervisor";
-pub const OCSERV_CTL: &str = "ocserv_ctl";
-pub const SESSION_REGISTRY: &str = "session_registry";
-pub const METRICS_SERVER: &str = "metrics_server";
-pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";
-
-/// What every actor is started with. Listeners are bound once at start-up (`app::start`) and shared, so a
-/// restarted server actor accepts on the same socket and clients never see the port closed.
-pub struct Context {
-    pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-    pub grpc_listener: Arc<std::net::TcpListener>,
-    pub metrics_listener: Arc<std::net::TcpListener>,
-}
-
-/// Why a cross-actor call failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum CallError {
-    #[error("actor {0} is not running (restarting?)")]
-    Unavailable(&'static str),
-    #[error("actor {0} did not answer in time")]
-    Timeout(&'static str),
-    #[error("actor {0} stopped before answering")]
-    Lost(&'static str),
-}
+pub use crate::messages::CallError;
 
 /// Calls the actor registered as `name`. While the actor is absent (between a crash and its
 /// restart) the lookup is retried until `timeout`. When the actor dies with the request in its
@@ -134,23 +153,90 @@ where
     }
 }
 
-/// A tokio listener on a clone of a listening socket bound once at start-up: a restarted
-/// server actor accepts on the same socket, so clients never find the port closed.
-pub fn accept_on(shared: &std::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
-    let listener = shared.try_clone()?;
-    listener.set_nonblocking(true)?;
-    tokio::net::TcpListener::from_std(listener)
-}
-
-/// The state of a server actor: its serving task, aborted when the actor dies.
+/// The state of a server actor: its serving tasks (aborted when the actor dies, while the
+/// connections they accepted go on) and the endpoints they serve.
 pub struct ServingState {
-    _server: AbortOnDrop,
+    pub ctx: Arc<Context>,
+    endpoints: Vec<Arc<Endpoint>>,
+    _tasks: Vec<AbortOnDrop>,
 }
 
-impl ServingState {
-    pub fn new<T>(server: tokio::task::JoinHandle<T>) -> Self {
-        Self {
-            _server: server.into(),
+/// Starts serving `service` on each endpoint. When a serving task ends, the actor is told
+/// ([`ServerMsg::Ended`]) and, unless it is draining, fails so the supervisor restarts it: nothing
+/// stops serving while its actor looks alive.
+pub fn serve_on<S, B>(
+    myself: &ActorRef<ServerMsg>,
+    ctx: &Arc<Context>,
+    endpoints: Vec<Arc<Endpoint>>,
+    service: S,
+    extra: Vec<AbortOnDrop>,
+) -> ServingState
+where
+    S: tower::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut tasks = extra;
+    for ep in &endpoints {
+        let (ep, me, svc) = (ep.clone(), myself.clone(), service.clone());
+        let (metrics, health) = (ctx.metrics.clone(), ctx.health.clone());
+        tasks.push(
+            tokio::spawn(async move {
+                let listener = ep.label;
+                let r = ep.serve(svc, metrics, health).await;
+                let _ = me.send_message(ServerMsg::Ended {
+                    listener,
+                    error: r.err().map(|e| e.to_string()),
+                });
+            })
+            .into(),
+        );
+    }
+    ServingState {
+        ctx: ctx.clone(),
+        endpoints,
+        _tasks: tasks,
+    }
+}
+
+/// The message handler every server actor shares.
+pub fn server_handle(
+    actor: &'static str,
+    msg: ServerMsg,
+    state: &ServingState,
+) -> Result<(), ActorProcessingErr> {
+    match msg {
+        ServerMsg::Crash => panic!("chaos: crash requested for {actor}"),
+        ServerMsg::Ended { listener, error } => {
+            if state.endpoints.iter().any(|e| e.is_draining()) {
+                return Ok(());
+            }
+            let why = error.unwrap_or_else(|| "stopped accepting".into());
+            tracing::error!(actor, listener, error = %why, "server task ended; failing so it is restarted");
+            Err(format!("{listener}: server task ended: {why}").into())
+        }
+    }
+}
+
+/// Orderly stop of a server actor: drain its endpoints within the shutdown grace.
+pub async fn server_drain(actor: &'static str, state: &ServingState) {
+    let grace = state.ctx.config().supervisor.shutdown_grace;
+    for ep in &state.endpoints {
+        if !ep.drain(grace).await {
+            tracing::warn!(
+                actor,
+                listener = ep.label,
+                open = ep.connections(),
+                "connections still open at the end of the shutdown grace"
+            );
         }
     }
 }

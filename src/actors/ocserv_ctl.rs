@@ -2,9 +2,15 @@
 //!
 //! Input: [`CtlMsg`] requests. Output: typed results from the configured backend (native control
 //! socket or exec'd occtl). Each request runs in its own task, so a slow ocserv never blocks the
-//! mailbox; every backend call is bounded by `ocserv.request_timeout`. Every outcome is counted
-//! (`ocserv_agent_ocserv_requests_total`, latency histogram) and updates `ocserv_up`, which
-//! `/readyz` reports. Failures are answered to the caller; they never crash the actor.
+//! mailbox, behind the shared [`crate::gate::Gate`] (`ocserv.max_in_flight` calls at once,
+//! `ocserv.max_queued` waiting; beyond that a call is refused with [`CtlError::Busy`] without
+//! reaching ocserv, whose main loop is single-threaded). The gate lives in the shared context, so
+//! the bound holds across restarts of this actor. Every backend call is bounded by
+//! `ocserv.request_timeout` (read live: a SIGHUP change rebuilds the backend).
+//!
+//! Every outcome is counted (`ocserv_agent_ocserv_requests_total`, latency histogram); every
+//! exchange sets `ocserv_up` (1 on success, 0 on any failure) and a success feeds readiness
+//! ([`crate::health`]). Failures are answered to the caller; they never crash the actor.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,8 +19,8 @@ use std::time::Instant;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::actors::Context;
+use crate::config::{Config, OcservConfig};
 use crate::messages::CtlMsg;
-use crate::metrics::Metrics;
 use crate::ocserv::native::NativeBackend;
 use crate::ocserv::occtl::OcctlBackend;
 use crate::ocserv::{Backend, BackendKind, CtlError, CtlResult, OcservBackend};
@@ -22,12 +28,14 @@ use crate::ocserv::{Backend, BackendKind, CtlError, CtlResult, OcservBackend};
 pub struct OcservCtl;
 
 pub struct CtlState {
+    ctx: Arc<Context>,
     backend: Backend,
-    metrics: Arc<Metrics>,
+    /// The configuration the backend was built from.
+    built_from: Arc<Config>,
 }
 
 /// Builds the configured backend.
-pub fn backend_from_config(config: &crate::config::OcservConfig) -> Backend {
+pub fn backend_from_config(config: &OcservConfig) -> Backend {
     match config.backend {
         BackendKind::Native => Backend::Native(NativeBackend::new(
             config.control_socket.clone(),
@@ -41,9 +49,22 @@ pub fn backend_from_config(config: &crate::config::OcservConfig) -> Backend {
     }
 }
 
-/// Runs one backend call in its own task: measures it, records the outcome and answers.
+/// Whether a call was an exchange with ocserv, and whether it succeeded: `None` for calls that
+/// never reached ocserv (refused by our own bound, or invalid arguments caught before sending).
+pub fn exchange_outcome<T>(result: &CtlResult<T>) -> Option<bool> {
+    match result {
+        Ok(_) => Some(true),
+        // ocserv answered, and its answer was "no".
+        Err(CtlError::Refused { .. }) => Some(true),
+        Err(CtlError::Busy(_) | CtlError::InvalidArgument { .. }) => None,
+        Err(_) => Some(false),
+    }
+}
+
+/// Runs one backend call in its own task behind the gate: measures it, records the outcome and
+/// answers.
 fn dispatch<T, F>(
-    metrics: &Arc<Metrics>,
+    ctx: &Arc<Context>,
     command: &'static str,
     reply: RpcReplyPort<CtlResult<T>>,
     fut: F,
@@ -51,16 +72,28 @@ fn dispatch<T, F>(
     T: Send + 'static,
     F: Future<Output = CtlResult<T>> + Send + 'static,
 {
-    let metrics = metrics.clone();
+    let ctx = ctx.clone();
     tokio::spawn(async move {
         let started = Instant::now();
-        let result = fut.await;
-        metrics.observe_ocserv(command, result.is_ok(), started.elapsed());
-        match &result {
-            Ok(_) => metrics.set_ocserv_up(true),
-            Err(e) if e.is_unreachable() => metrics.set_ocserv_up(false),
-            Err(CtlError::OcctlMissing { .. }) => metrics.set_ocserv_up(false),
-            Err(_) => {}
+        let wait = ctx.config().ocserv.request_timeout;
+        let result = match ctx.ocserv_gate.enter(wait).await {
+            Ok(permit) => {
+                let r = fut.await;
+                drop(permit);
+                r
+            }
+            Err(refused) => Err(CtlError::Busy(refused)),
+        };
+        let m = &ctx.metrics;
+        match exchange_outcome(&result) {
+            Some(ok) => {
+                m.observe_ocserv(command, ok, started.elapsed());
+                m.set_ocserv_up(ok);
+                if ok {
+                    ctx.health.ocserv_answered();
+                }
+            }
+            None => m.observe_ocserv_refused(command),
         }
         if let Err(e) = &result {
             tracing::debug!(command, error = %e, "ocserv request failed");
@@ -80,9 +113,11 @@ impl Actor for OcservCtl {
         _myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
+        let built_from = ctx.config();
         Ok(CtlState {
-            backend: backend_from_config(&ctx.config.ocserv),
-            metrics: ctx.metrics.clone(),
+            backend: backend_from_config(&built_from.ocserv),
+            built_from,
+            ctx,
         })
     }
 
@@ -92,8 +127,15 @@ impl Actor for OcservCtl {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        let live = state.ctx.config();
+        if !Arc::ptr_eq(&live, &state.built_from) {
+            if live.ocserv != state.built_from.ocserv {
+                state.backend = backend_from_config(&live.ocserv);
+            }
+            state.built_from = live;
+        }
         let b = state.backend.clone();
-        let m = &state.metrics;
+        let m = &state.ctx;
         match msg {
             CtlMsg::Status(r) => dispatch(m, "status", r, async move { b.status().await }),
             CtlMsg::List(r) => dispatch(m, "list", r, async move { b.list().await }),
@@ -128,6 +170,12 @@ impl Actor for OcservCtl {
                     async move { b.terminate_id(id).await },
                 )
             }
+            CtlMsg::DisconnectSession(k, r) => dispatch(m, "disconnect_session", r, async move {
+                match b.id_info(k.id).await? {
+                    Some(s) if k.matches(&s) => b.disconnect_id(k.id).await,
+                    _ => Ok(crate::ocserv::DisconnectOutcome::NotFound),
+                }
+            }),
             CtlMsg::ListBanned(r) => {
                 dispatch(m, "list_banned", r, async move { b.list_banned().await })
             }

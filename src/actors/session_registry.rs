@@ -1,134 +1,155 @@
 //! `SessionRegistry`: the agent's view of ocserv's live sessions.
 //!
-//! Inputs: [`RegistryMsg`] queries, a periodic tick every `ocserv.reconcile_interval`, and
-//! `Forget` notices after the agent disconnected sessions. It reconciles by asking `OcservCtl` for
-//! the session list in a background task and applying the answer with
-//! [`SessionTable::reconcile`], so queries are never stuck behind a slow ocserv.
+//! Inputs: [`RegistryMsg`] queries, a tick every `ocserv.reconcile_interval` (re-armed after each
+//! tick, so a SIGHUP change applies at the next one), and `Forget` notices, by full identity,
+//! after the agent disconnected sessions. It reconciles by asking `OcservCtl` for the session
+//! list in a background task and applying the answer with [`SessionTable::reconcile`], so queries
+//! are never stuck behind a slow ocserv. The synchronization rules (one fetch at a time, early
+//! retries until the first success, tombstones for kicked sessions) are the plain
+//! [`SyncState`] and [`Forgotten`].
+//!
+//! Every view carries its age. A failed reconcile keeps the last known table (sessions are not
+//! declared closed because ocserv did not answer), but the age grows, and callers refuse to serve
+//! a view older than [`crate::health::STALE_AFTER`] intervals; the sessions gauge is then cleared
+//! rather than left claiming a number nobody has seen.
 //!
 //! Restart: the table is not kept across a crash; `pre_start` rebuilds it with one reconcile
-//! against ocserv (the source of truth) before the first query is answered. Until the registry
-//! has once agreed with ocserv, views are marked `synced = false` and failed reconciles are
-//! retried on a short backoff (50 ms doubling up to the interval) rather than at the next tick.
-//! A failed reconcile keeps the last known table (sessions are not declared closed because
-//! ocserv did not answer).
+//! against ocserv (the source of truth) before the first query is answered.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::actors::{call, AbortOnDrop, Context, OCSERV_CTL};
-use crate::backoff::Backoff;
-use crate::messages::{CtlMsg, ReconcileReport, RegistryMsg, SessionsView};
+use crate::messages::{
+    CtlMsg, ReconcileError, ReconcileReport, ReconcileResult, RegistryMsg, SessionsView,
+};
 use crate::ocserv::Session;
-use crate::registry::{ReconcileDiff, SessionTable};
+use crate::registry::{AfterFetch, Forgotten, ReconcileDiff, SessionTable, SyncState};
 
 pub struct SessionRegistry;
 
-type Waiter = RpcReplyPort<Result<ReconcileReport, String>>;
+type Waiter = RpcReplyPort<ReconcileResult>;
 
 pub struct RegistryState {
     ctx: Arc<Context>,
     table: SessionTable,
-    synced: bool,
-    last_error: Option<String>,
-    /// A fetch is under way; reconcile requests that arrive meanwhile wait for the next one.
-    in_flight: bool,
+    sync: SyncState,
+    forgotten: Forgotten,
+    last_error: Option<ReconcileError>,
+    /// Reconcile requests that arrived while a fetch was under way: served by the next one.
     pending: Vec<Waiter>,
-    /// Failed reconciles in a row; while not yet synced they are retried on this backoff
-    /// instead of waiting for the next tick.
-    failures: u32,
-    retry: Backoff,
-    _ticker: AbortOnDrop,
+    _ticker: Option<AbortOnDrop>,
 }
 
 /// Asks ocserv for the status figures and the session list.
-async fn fetch(ctx: &Context) -> Result<Vec<Session>, String> {
-    let timeout = ctx.config.ocserv.request_timeout + ctx.config.supervisor.call_timeout;
+async fn fetch(ctx: &Context) -> Result<Vec<Session>, ReconcileError> {
+    let cfg = ctx.config();
+    let timeout = cfg.ocserv.request_timeout + cfg.supervisor.call_timeout;
     // Status feeds the ocserv_* gauges; its failure alone does not fail the reconcile.
     if let Ok(Ok(status)) = call(OCSERV_CTL, timeout, true, CtlMsg::Status).await {
         ctx.metrics.set_ocserv_status(&status);
     }
-    match call(OCSERV_CTL, timeout, true, CtlMsg::List).await {
-        Ok(Ok(list)) => Ok(list),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
-    }
+    call(OCSERV_CTL, timeout, true, CtlMsg::List)
+        .await?
+        .map_err(|e| ReconcileError::Ocserv(Arc::new(e)))
 }
 
 impl RegistryState {
-    /// Applies a fetch result and, while the registry has never agreed with ocserv, schedules
-    /// an early retry (after a restart, `OcservCtl` may itself still be coming back).
-    fn settle(
-        &mut self,
-        myself: &ActorRef<RegistryMsg>,
-        result: Result<Vec<Session>, String>,
-    ) -> Result<ReconcileReport, String> {
-        let report = self.apply(result);
-        match &report {
-            Ok(_) => self.failures = 0,
-            Err(e) => {
-                tracing::warn!(error = %e, "reconcile failed; keeping the last known sessions");
-                if !self.synced {
-                    myself.send_after(self.retry.delay(self.failures), || RegistryMsg::Tick);
-                }
-                self.failures = self.failures.saturating_add(1);
-            }
-        }
-        report
+    fn arm_tick(&mut self, myself: &ActorRef<RegistryMsg>, after: Duration) {
+        self._ticker = Some(myself.send_after(after, || RegistryMsg::Tick).into());
     }
 
-    fn apply(&mut self, result: Result<Vec<Session>, String>) -> Result<ReconcileReport, String> {
-        let sessions = match result {
-            Ok(s) => s,
+    /// Applies fetch number `fetch`'s result.
+    fn apply(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        fetch: u64,
+        result: Result<Vec<Session>, ReconcileError>,
+    ) -> ReconcileResult {
+        let outcome = match result {
+            Ok(fresh) => {
+                let fresh = self.forgotten.filter(fresh, fetch);
+                let ReconcileDiff { opened, closed, .. } = self.table.reconcile(fresh);
+                for s in &closed {
+                    tracing::info!(session = %s.key(), "session closed");
+                }
+                for id in &opened {
+                    tracing::info!(id, "session opened");
+                }
+                self.ctx.health.synced();
+                self.last_error = None;
+                Ok(ReconcileReport {
+                    sessions: self.table.len(),
+                    opened: opened.len(),
+                    closed: closed.len(),
+                })
+            }
             Err(e) => {
+                tracing::warn!(error = %e, "reconcile failed; keeping the last known sessions");
                 self.last_error = Some(e.clone());
-                return Err(e);
+                Err(e)
             }
         };
-        self.last_error = None;
-        let ReconcileDiff { opened, closed, .. } = self.table.reconcile(sessions);
-        self.synced = true;
-        for s in &closed {
-            tracing::info!(id = s.id, "session closed");
+        if let AfterFetch::RetryAfter(d) = self.sync.finish(outcome.is_ok(), Instant::now()) {
+            self.arm_tick(myself, d);
         }
-        for id in &opened {
-            tracing::info!(id, "session opened");
-        }
+        self.publish_gauge();
+        outcome
+    }
+
+    /// The sessions gauge shows the table while it is fresh, and nothing once it is stale.
+    fn publish_gauge(&self) {
+        let fresh = self.age().is_some_and(|age| {
+            !crate::health::too_old(age, self.ctx.config().ocserv.reconcile_interval)
+        });
         self.ctx
             .metrics
-            .active_sessions
-            .set(self.table.connected() as i64);
-        Ok(ReconcileReport {
-            sessions: self.table.len(),
-            opened: opened.len(),
-            closed: closed.len(),
-        })
+            .set_active_sessions(fresh.then(|| self.table.connected()));
+    }
+
+    fn age(&self) -> Option<Duration> {
+        self.sync.last_sync().map(|t| t.elapsed())
     }
 
     fn start_fetch(&mut self, myself: &ActorRef<RegistryMsg>, waiter: Option<Waiter>) {
         self.pending.extend(waiter);
-        if self.in_flight {
+        let Some(fetch) = self.sync.begin() else {
             return;
-        }
-        self.in_flight = true;
+        };
         let waiters = std::mem::take(&mut self.pending);
         let ctx = self.ctx.clone();
         let me = myself.clone();
         tokio::spawn(async move {
-            let result = fetch(&ctx).await;
+            let result = fetch_bounded(&ctx).await;
             // If the registry died meanwhile, its next incarnation fetches on its own.
-            let _ = me.send_message(RegistryMsg::Fetched { result, waiters });
+            let _ = me.send_message(RegistryMsg::Fetched {
+                fetch,
+                result,
+                waiters,
+            });
         });
     }
 
     fn view(&self, username: Option<&str>) -> SessionsView {
         SessionsView {
             sessions: self.table.sessions(username).cloned().collect(),
-            synced: self.synced,
+            age: self.age(),
             last_error: self.last_error.clone(),
         }
     }
+}
+
+/// [`fetch`] under one overall bound, so a dead ocserv cannot hold a fetch forever.
+async fn fetch_bounded(ctx: &Context) -> Result<Vec<Session>, ReconcileError> {
+    let cfg = ctx.config();
+    let bound = 2 * (cfg.ocserv.request_timeout + cfg.supervisor.call_timeout);
+    tokio::time::timeout(bound, fetch(ctx))
+        .await
+        .unwrap_or(Err(ReconcileError::Actor(
+            crate::messages::CallError::Timeout(OCSERV_CTL),
+        )))
 }
 
 impl Actor for SessionRegistry {
@@ -141,30 +162,27 @@ impl Actor for SessionRegistry {
         myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let interval = ctx.config.ocserv.reconcile_interval;
-        let ticker = myself.send_interval(interval, || RegistryMsg::Tick).into();
+        let interval = ctx.config().ocserv.reconcile_interval;
         let mut state = RegistryState {
             ctx: ctx.clone(),
             table: SessionTable::default(),
-            synced: false,
+            sync: SyncState::new(interval),
+            forgotten: Forgotten::default(),
             last_error: None,
-            in_flight: false,
             pending: Vec::new(),
-            failures: 0,
-            retry: Backoff::new(
-                Duration::from_millis(50),
-                interval.max(Duration::from_millis(50)),
-                2.0,
-            )?,
-            _ticker: ticker,
+            _ticker: None,
         };
+        state.arm_tick(&myself, interval);
         // Rebuild from ocserv before answering anything; bounded so a dead ocserv cannot hold up
-        // the start (a failure is retried early, see `settle`).
-        let bound = ctx.config.ocserv.request_timeout + Duration::from_millis(100);
-        let result = tokio::time::timeout(bound, fetch(&ctx))
+        // the start (a failure is retried early, see `SyncState::finish`).
+        let fetch = state.sync.begin().unwrap_or_default();
+        let bound = ctx.config().ocserv.request_timeout + Duration::from_millis(100);
+        let result = tokio::time::timeout(bound, fetch_bounded(&ctx))
             .await
-            .unwrap_or_else(|_| Err("ocserv did not answer the initial session list".into()));
-        let _ = state.settle(&myself, result);
+            .unwrap_or(Err(ReconcileError::Actor(
+                crate::messages::CallError::Timeout(OCSERV_CTL),
+            )));
+        let _ = state.apply(&myself, fetch, result);
         Ok(state)
     }
 
@@ -179,10 +197,18 @@ impl Actor for SessionRegistry {
                 let _ = reply.send(state.view(username.as_deref()));
             }
             RegistryMsg::ReconcileNow(reply) => state.start_fetch(&myself, Some(reply)),
-            RegistryMsg::Tick => state.start_fetch(&myself, None),
-            RegistryMsg::Fetched { result, waiters } => {
-                state.in_flight = false;
-                let report = state.settle(&myself, result);
+            RegistryMsg::Tick => {
+                let interval = state.ctx.config().ocserv.reconcile_interval;
+                state.arm_tick(&myself, interval);
+                state.publish_gauge();
+                state.start_fetch(&myself, None);
+            }
+            RegistryMsg::Fetched {
+                fetch,
+                result,
+                waiters,
+            } => {
+                let report = state.apply(&myself, fetch, result);
                 for w in waiters {
                     let _ = w.send(report.clone());
                 }
@@ -190,13 +216,10 @@ impl Actor for SessionRegistry {
                     state.start_fetch(&myself, None);
                 }
             }
-            RegistryMsg::Forget(ids) => {
-                state.table.remove(&ids);
-                state
-                    .ctx
-                    .metrics
-                    .active_sessions
-                    .set(state.table.connected() as i64);
+            RegistryMsg::Forget(keys) => {
+                state.table.remove(&keys);
+                state.forgotten.add(keys, state.sync.latest_started());
+                state.publish_gauge();
             }
             RegistryMsg::Crash => {
                 panic!("chaos: crash requested for {}", super::SESSION_REGISTRY)

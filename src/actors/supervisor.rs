@@ -5,11 +5,11 @@
 //! [`ExitReason::RestartIntensityExceeded`], on which the process exits non-zero (and systemd
 //! restarts it). No child holds a VPN session: restarting any of them never disconnects a client.
 //!
-//! The restart decision is the plain [`RestartPolicy`]; the actor only wires events to it.
+//! The restart decision is the plain [`RestartPolicy`] (`crate::restart`); the actor only wires
+//! events to it.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
@@ -19,8 +19,8 @@ use crate::actors::metrics_server::MetricsServer;
 use crate::actors::ocserv_ctl::OcservCtl;
 use crate::actors::session_registry::SessionRegistry;
 use crate::actors::{Child, Context};
-use crate::backoff::Backoff;
 use crate::messages::SupervisorMsg;
+use crate::restart::{Decision, RestartPolicy};
 
 /// Why the supervisor stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,50 +31,8 @@ pub enum ExitReason {
     RestartIntensityExceeded { actor: &'static str },
     /// A child could not be started at all.
     StartFailed { actor: &'static str, error: String },
-}
-
-/// What to do after a child stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
-    RestartAfter(Duration),
-    Escalate,
-}
-
-/// Restart intensity and backoff: at most `intensity` restarts (all children together) within
-/// `window`; the delay grows with the number of recent restarts of the same child.
-#[derive(Debug, Clone)]
-pub struct RestartPolicy {
-    backoff: Backoff,
-    intensity: u32,
-    window: Duration,
-    history: VecDeque<(Instant, Child)>,
-}
-
-impl RestartPolicy {
-    pub fn new(backoff: Backoff, intensity: u32, window: Duration) -> Self {
-        Self {
-            backoff,
-            intensity,
-            window,
-            history: VecDeque::new(),
-        }
-    }
-
-    pub fn on_stop(&mut self, child: Child, now: Instant) -> Decision {
-        while let Some((t, _)) = self.history.front() {
-            if now.duration_since(*t) > self.window {
-                self.history.pop_front();
-            } else {
-                break;
-            }
-        }
-        if self.history.len() >= self.intensity as usize {
-            return Decision::Escalate;
-        }
-        let recent_same = self.history.iter().filter(|(_, c)| *c == child).count() as u32;
-        self.history.push_back((now, child));
-        Decision::RestartAfter(self.backoff.delay(recent_same))
-    }
+    /// An ordered shutdown did not finish within `supervisor.shutdown_grace`.
+    ShutdownTimedOut,
 }
 
 pub struct Supervisor;
@@ -113,23 +71,28 @@ async fn spawn_child(
 }
 
 impl SupervisorState {
-    /// Stops the children in reverse start order (front door first, so no new work arrives),
-    /// each within its share of the grace period.
-    async fn stop_children(&mut self) {
+    /// Stops the children in reverse start order (front door first: it stops accepting and lets
+    /// the calls in flight finish while the actors they need are still there), all within the
+    /// shutdown grace. Returns false when something had to be killed at the deadline.
+    async fn stop_children(&mut self) -> bool {
         self.stopping = true;
-        let grace = self.ctx.config.supervisor.shutdown_grace / Child::ALL.len() as u32;
+        let deadline = tokio::time::Instant::now() + self.ctx.config().supervisor.shutdown_grace;
+        let mut clean = true;
         // Let restarts under way finish first, so no child appears after the stop.
         for task in self.restarting.drain(..) {
-            let _ = tokio::time::timeout(grace, task).await;
+            clean &= tokio::time::timeout_at(deadline, task).await.is_ok();
         }
         for child in Child::ALL.iter().rev() {
             if let Some(cell) = ractor::registry::where_is(child.name()) {
-                if cell.stop_and_wait(None, Some(grace)).await.is_err() {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                if cell.stop_and_wait(None, Some(left)).await.is_err() {
                     tracing::warn!(actor = child.name(), "did not stop within grace; killing");
                     cell.kill();
+                    clean = false;
                 }
             }
         }
+        clean
     }
 
     /// What to do after `child` stopped or failed to start: restart it after its backoff delay,
@@ -142,8 +105,8 @@ impl SupervisorState {
             Decision::Escalate => {
                 tracing::error!(
                     actor = child.name(),
-                    intensity = self.ctx.config.supervisor.restart_intensity,
-                    window = ?self.ctx.config.supervisor.restart_window,
+                    intensity = self.ctx.config().supervisor.restart_intensity,
+                    window = ?self.ctx.config().supervisor.restart_window,
                     "restart intensity exceeded; stopping the agent"
                 );
                 let reason = ExitReason::RestartIntensityExceeded {
@@ -155,7 +118,11 @@ impl SupervisorState {
     }
 
     async fn finish(&mut self, myself: &ActorRef<SupervisorMsg>, reason: ExitReason) {
-        self.stop_children().await;
+        let clean = self.stop_children().await;
+        let reason = match reason {
+            ExitReason::Shutdown if !clean => ExitReason::ShutdownTimedOut,
+            other => other,
+        };
         self.exit.send_replace(Some(reason));
         myself.stop(None);
     }
@@ -171,7 +138,7 @@ impl Actor for Supervisor {
         myself: ActorRef<Self::Msg>,
         args: SupervisorArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let s = &args.ctx.config.supervisor;
+        let s = &args.ctx.config().supervisor;
         let mut state = SupervisorState {
             policy: RestartPolicy::new(s.backoff(), s.restart_intensity, s.restart_window),
             ctx: args.ctx,
@@ -255,65 +222,5 @@ impl Actor for Supervisor {
         tracing::warn!(actor = child.name(), %why, "actor stopped");
         state.after_stop(&myself, child).await;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(intensity: u32) -> RestartPolicy {
-        let b = Backoff::new(Duration::from_millis(10), Duration::from_secs(1), 2.0).unwrap();
-        RestartPolicy::new(b, intensity, Duration::from_secs(30))
-    }
-
-    #[test]
-    fn escalates_after_intensity_within_window() {
-        let mut p = policy(3);
-        let t = Instant::now();
-        for i in 0..3 {
-            assert!(matches!(
-                p.on_stop(Child::OcservCtl, t + Duration::from_secs(i)),
-                Decision::RestartAfter(_)
-            ));
-        }
-        assert_eq!(
-            p.on_stop(Child::SessionRegistry, t + Duration::from_secs(4)),
-            Decision::Escalate
-        );
-    }
-
-    #[test]
-    fn old_restarts_leave_the_window() {
-        let mut p = policy(2);
-        let t = Instant::now();
-        p.on_stop(Child::OcservCtl, t);
-        p.on_stop(Child::OcservCtl, t + Duration::from_secs(1));
-        assert!(matches!(
-            p.on_stop(Child::OcservCtl, t + Duration::from_secs(40)),
-            Decision::RestartAfter(_)
-        ));
-    }
-
-    #[test]
-    fn delay_grows_with_recent_restarts_of_the_same_child() {
-        let mut p = policy(100);
-        let t = Instant::now();
-        let Decision::RestartAfter(first) = p.on_stop(Child::OcservCtl, t) else {
-            panic!("escalated")
-        };
-        assert!(first <= Duration::from_millis(10));
-        for _ in 0..5 {
-            p.on_stop(Child::OcservCtl, t);
-        }
-        let Decision::RestartAfter(later) = p.on_stop(Child::OcservCtl, t) else {
-            panic!("escalated")
-        };
-        assert!(later >= Duration::from_millis(320), "{later:?}");
-        // another child starts from the initial delay
-        let Decision::RestartAfter(other) = p.on_stop(Child::GrpcFrontDoor, t) else {
-            panic!("escalated")
-        };
-        assert!(other <= Duration::from_millis(10));
     }
 }

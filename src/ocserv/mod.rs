@@ -262,6 +262,9 @@ pub enum CtlError {
     },
     #[error("invalid argument {field}: {reason}")]
     InvalidArgument { field: &'static str, reason: String },
+    /// The agent's own bound on calls to ocserv refused this one (not sent to ocserv).
+    #[error("too many requests to ocserv at once: {0}")]
+    Busy(crate::gate::Refused),
 }
 
 impl CtlError {

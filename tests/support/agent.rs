@@ -23,7 +23,7 @@ pub fn config_for(lab: &Lab, backend: BackendKind) -> Config {
     c.ocserv.backend = backend;
     c.ocserv.control_socket = lab.occtl_socket.clone();
     c.ocserv.reconcile_interval = Duration::from_millis(300);
-    c.grpc.listen = "127.0.0.1:0".parse().unwrap();
+    c.grpc.socket = lab.dir.join("agent.sock");
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c.supervisor.restart_intensity = 1000;
     c
@@ -35,9 +35,15 @@ pub async fn start(config: Config) -> Agent {
         .expect("agent starts")
 }
 
+/// A client on the agent's control socket (the same connector the CLI uses).
 pub async fn client(agent: &Agent) -> VpnAgentServiceClient<Channel> {
-    VpnAgentServiceClient::connect(format!("http://{}", agent.grpc_addr))
+    socket_client(&agent.grpc_socket).await
+}
+
+pub async fn socket_client(path: &std::path::Path) -> VpnAgentServiceClient<Channel> {
+    ocserv_agent::cli::connect(&ocserv_agent::cli::Target::Socket(path.to_path_buf()))
         .await
+        .map_err(|e| e.message)
         .expect("connect to the agent")
 }
 

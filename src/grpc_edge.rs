@@ -1,0 +1,301 @@
+//! The gRPC front door's edge: what every request goes through before and after a tonic handler.
+//!
+//! In order:
+//! 1. A connection whose peer uid is not allowed ([`crate::serve::Peer::allowed`]) gets
+//!    `PERMISSION_DENIED` for every request.
+//! 2. Unary calls (`agent.v1.VPNAgentService/*`, `grpc.health.v1.Health/Check`) must deliver their
+//!    whole request within `grpc.read_timeout` and at most [`MAX_REQUEST_BYTES`]; a stream that
+//!    opens and never sends is answered `DEADLINE_EXCEEDED` and holds nothing meanwhile.
+//! 3. `agent.v1.VPNAgentService` calls then take a slot of the shared gate
+//!    (`grpc.max_concurrent_requests` in flight, global across connections and front-door
+//!    restarts); when none frees up within a fifth of `grpc.request_timeout` the call is answered
+//!    `RESOURCE_EXHAUSTED`. Health checks and reflection never wait behind it.
+//! 4. Unary calls are bounded by `grpc.request_timeout` from their first byte
+//!    (`DEADLINE_EXCEEDED` naming the key).
+//! 5. Every request is counted in `ocserv_agent_grpc_requests_total{method,code}` with the status
+//!    the client really received, including those refused before a handler ran (decode failures,
+//!    oversized messages, unsupported compression). A [`ReplyPermit`] a handler attached to its
+//!    response is held until the response body has been sent.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+use tonic::{Code, Status};
+
+use crate::actors::Context;
+use crate::serve::Peer;
+
+/// Largest unary request accepted (tonic's own default decoding limit).
+pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Memory reserved for a reply being built and sent; see [`Edge`] step 5.
+#[derive(Debug, Clone)]
+pub struct ReplyPermit(pub Arc<OwnedSemaphorePermit>);
+
+/// The method label of a request path: a fixed set, never a caller-supplied string.
+pub fn method_label(path: &str) -> &'static str {
+    const KNOWN: [&str; 12] = [
+        "NotifyConnect",
+        "NotifyDisconnect",
+        "GetActiveSessions",
+        "DisconnectUser",
+        "UpdateUserRoutes",
+        "Check",
+        "Watch",
+        "ServerReflectionInfo",
+        "AgentStream",
+        "ExecuteCommand",
+        "UpdateConfig",
+        "HealthCheck",
+    ];
+    let name = path.rsplit('/').next().unwrap_or_default();
+    KNOWN.into_iter().find(|k| *k == name).unwrap_or("unknown")
+}
+
+const AGENT_SERVICE: &str = "/agent.v1.VPNAgentService/";
+const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    ctx: Arc<Context>,
+}
+
+impl<S> Edge<S> {
+    pub fn new(inner: S, ctx: Arc<Context>) -> Self {
+        Self { inner, ctx }
+    }
+}
+
+fn refuse(status: Status) -> Response<tonic::body::Body> {
+    status.into_http()
+}
+
+/// The grpc-status of a trailers-only response (errors answered before any message).
+fn status_in(headers: &HeaderMap) -> Option<Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(Code::from_i32)
+}
+
+impl<S> tower::Service<Request<Incoming>> for Edge<S>
+where
+    S: tower::Service<
+            Request<tonic::body::Body>,
+            Response = Response<tonic::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Counted>;
+    type Error = Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut TaskContext<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let inner = self.inner.clone();
+        let ctx = self.ctx.clone();
+        Box::pin(async move {
+            let method = method_label(req.uri().path());
+            let resp = admit(inner, &ctx, req).await;
+            Ok(Counted::wrap(resp, method, ctx.metrics.clone()))
+        })
+    }
+}
+
+async fn admit<S>(
+    mut inner: S,
+    ctx: &Context,
+    req: Request<Incoming>,
+) -> Response<tonic::body::Body>
+where
+    S: tower::Service<
+        Request<tonic::body::Body>,
+        Response = Response<tonic::body::Body>,
+        Error = Infallible,
+    >,
+{
+    let started = Instant::now();
+    let cfg = ctx.config();
+    let path = req.uri().path().to_owned();
+    match req.extensions().get::<Peer>() {
+        Some(p) if p.allowed => {}
+        other => {
+            let uid = other.and_then(|p| p.uid);
+            return refuse(Status::permission_denied(format!(
+                "peer uid {uid:?} is not in grpc.allowed_uids"
+            )));
+        }
+    }
+    let unary = path.starts_with(AGENT_SERVICE) || path == HEALTH_CHECK;
+    if !unary {
+        let req = req.map(tonic::body::Body::new);
+        return match inner.call(req).await {
+            Ok(r) => r,
+        };
+    }
+    let (parts, body) = req.into_parts();
+    let read_timeout = cfg.grpc.read_timeout;
+    let body = match tokio::time::timeout(
+        read_timeout,
+        http_body_util::Limited::new(body, MAX_REQUEST_BYTES).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            return refuse(Status::resource_exhausted(format!(
+                "request body: {e} (at most {MAX_REQUEST_BYTES} bytes)"
+            )))
+        }
+        Err(_) => {
+            return refuse(Status::deadline_exceeded(format!(
+                "the request did not arrive within grpc.read_timeout ({})",
+                humantime::format_duration(read_timeout)
+            )))
+        }
+    };
+    let req = Request::from_parts(
+        parts,
+        tonic::body::Body::new(http_body_util::Full::new(body)),
+    );
+    let request_timeout = cfg.grpc.request_timeout;
+    let _slot = if path.starts_with(AGENT_SERVICE) {
+        match ctx.grpc_gate.enter(request_timeout / 5).await {
+            Ok(p) => Some(p),
+            Err(e) => {
+                return refuse(Status::resource_exhausted(format!(
+                    "the agent is at grpc.max_concurrent_requests: {e}"
+                )))
+            }
+        }
+    } else {
+        None
+    };
+    let remaining = request_timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(remaining, inner.call(req)).await {
+        Ok(Ok(r)) => r,
+        Err(_) => refuse(Status::deadline_exceeded(format!(
+            "not done within grpc.request_timeout ({})",
+            humantime::format_duration(request_timeout)
+        ))),
+    }
+}
+
+/// A response body that counts its request once, with the status the client received, and holds
+/// the reply's [`ReplyPermit`] until it has been sent.
+pub struct Counted {
+    inner: tonic::body::Body,
+    method: &'static str,
+    /// Set until the request has been counted.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
+    _permit: Option<ReplyPermit>,
+}
+
+impl Counted {
+    fn wrap(
+        resp: Response<tonic::body::Body>,
+        method: &'static str,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Response<Self> {
+        let (mut parts, inner) = resp.into_parts();
+        let permit = parts.extensions.remove::<ReplyPermit>();
+        let mut body = Counted {
+            inner,
+            method,
+            metrics: Some(metrics),
+            _permit: permit,
+        };
+        if let Some(code) = status_in(&parts.headers) {
+            body.count(code);
+        }
+        Response::from_parts(parts, body)
+    }
+
+    fn count(&mut self, code: Code) {
+        if let Some(m) = self.metrics.take() {
+            m.grpc_request(self.method, code);
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        // Dropped before its trailers: the client went away or the stream was reset.
+        self.count(Code::Cancelled);
+    }
+}
+
+impl Body for Counted {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(status_in) {
+                    self.count(code);
+                }
+            }
+            Poll::Ready(Some(Err(s))) => {
+                let code = s.code();
+                self.count(code);
+            }
+            Poll::Ready(None) => self.count(Code::Ok),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_a_fixed_set() {
+        assert_eq!(
+            method_label("/agent.v1.VPNAgentService/GetActiveSessions"),
+            "GetActiveSessions"
+        );
+        assert_eq!(method_label("/grpc.health.v1.Health/Check"), "Check");
+        assert_eq!(method_label("/x.Y/alice"), "unknown");
+        assert_eq!(method_label(""), "unknown");
+    }
+
+    #[test]
+    fn trailers_only_status_is_read() {
+        let r: Response<tonic::body::Body> = Status::not_found("x").into_http();
+        assert_eq!(status_in(r.headers()), Some(Code::NotFound));
+        assert_eq!(status_in(&HeaderMap::new()), None);
+    }
+}

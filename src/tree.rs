@@ -1,0 +1,41 @@
+//! The names of the actor tree: which children the supervisor runs, in start order, and the
+//! names they are registered under. Plain data, below both the actors and their messages.
+
+/// The children of the root supervisor, in start order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Child {
+    OcservCtl,
+    SessionRegistry,
+    MetricsServer,
+    GrpcFrontDoor,
+}
+
+impl Child {
+    pub const ALL: [Child; 4] = [
+        Child::OcservCtl,
+        Child::SessionRegistry,
+        Child::MetricsServer,
+        Child::GrpcFrontDoor,
+    ];
+
+    /// The child registered under `name`, if any.
+    pub fn from_name(name: &str) -> Option<Child> {
+        Child::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// The registered actor name (also the `actor` label of the restart counter).
+    pub fn name(self) -> &'static str {
+        match self {
+            Child::OcservCtl => OCSERV_CTL,
+            Child::SessionRegistry => SESSION_REGISTRY,
+            Child::MetricsServer => METRICS_SERVER,
+            Child::GrpcFrontDoor => GRPC_FRONT_DOOR,
+        }
+    }
+}
+
+pub const SUPERVISOR: &str = "supervisor";
+pub const OCSERV_CTL: &str = "ocserv_ctl";
+pub const SESSION_REGISTRY: &str = "session_registry";
+pub const METRICS_SERVER: &str = "metrics_server";
+pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";
