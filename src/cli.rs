@@ -123,8 +123,14 @@ fn unavailable(target: &Target, why: &str) -> CliError {
     }
 }
 
-/// Connects to the agent over its control socket or a TCP address.
+/// Connects to the agent's `VPNAgentService` over its control socket or a TCP address.
 pub async fn connect(target: &Target) -> Result<VpnAgentServiceClient<Channel>, CliError> {
+    let channel = connect_channel(target).await?;
+    Ok(VpnAgentServiceClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES))
+}
+
+/// A gRPC channel to the agent over its control socket or a TCP address.
+pub async fn connect_channel(target: &Target) -> Result<Channel, CliError> {
     let endpoint = match target {
         Target::Tcp(addr) => Channel::from_shared(addr.clone()).map_err(|e| CliError {
             code: crate::config::EXIT_CONFIG,
@@ -150,14 +156,13 @@ pub async fn connect(target: &Target) -> Result<VpnAgentServiceClient<Channel>, 
                 .await
         }
     };
-    let channel = connected.map_err(|e| {
+    connected.map_err(|e| {
         let mut cause: &dyn std::error::Error = &e;
         while let Some(next) = cause.source() {
             cause = next;
         }
         unavailable(target, &cause.to_string())
-    })?;
-    Ok(VpnAgentServiceClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES))
+    })
 }
 
 fn status_error(target: &Target, s: tonic::Status) -> CliError {

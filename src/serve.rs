@@ -140,6 +140,20 @@ impl Listener {
         })
     }
 
+    /// Refuses new connections for good: the socket file goes, and the listening socket is shut
+    /// down (connections in its backlog are reset).
+    fn close(&self) {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Self::Tcp(l) => l.as_raw_fd(),
+            Self::Unix { listener, path, .. } => {
+                let _ = std::fs::remove_file(path);
+                listener.as_raw_fd()
+            }
+        };
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+    }
+
     /// Where it listens, for logs and clients.
     pub fn describe(&self) -> String {
         match self {
@@ -349,13 +363,11 @@ impl Endpoint {
     pub async fn drain(&self, grace: Duration) -> bool {
         self.draining.cancel();
         self.connections.close();
-        let done = tokio::time::timeout(grace, self.connections.wait())
+        // Stop accepting at once: new clients are refused instead of queueing in the backlog.
+        self.listener.close();
+        tokio::time::timeout(grace, self.connections.wait())
             .await
-            .is_ok();
-        if let Listener::Unix { path, .. } = &self.listener {
-            let _ = std::fs::remove_file(path);
-        }
-        done
+            .is_ok()
     }
 
     pub fn is_draining(&self) -> bool {

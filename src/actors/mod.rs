@@ -10,6 +10,7 @@ pub mod ocserv_ctl;
 pub mod session_registry;
 pub mod supervisor;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,9 @@ pub struct Context {
     /// The gRPC listeners: the Unix socket, then the TCP address when configured.
     pub grpc_endpoints: Vec<Arc<Endpoint>>,
     pub metrics_endpoint: Arc<Endpoint>,
+    /// Cleared when a server could not drain its connections within the shutdown grace, so an
+    /// ordered shutdown that cut calls short reports a failure.
+    pub drained_in_time: AtomicBool,
 }
 
 impl Context {
@@ -97,6 +101,7 @@ impl Context {
             metrics,
             grpc_endpoints,
             metrics_endpoint,
+            drained_in_time: AtomicBool::new(true),
         }
     }
 
@@ -231,6 +236,7 @@ pub async fn server_drain(actor: &'static str, state: &ServingState) {
     let grace = state.ctx.config().supervisor.shutdown_grace;
     for ep in &state.endpoints {
         if !ep.drain(grace).await {
+            state.ctx.drained_in_time.store(false, Ordering::Relaxed);
             tracing::warn!(
                 actor,
                 listener = ep.label,

@@ -118,7 +118,11 @@ impl SupervisorState {
     }
 
     async fn finish(&mut self, myself: &ActorRef<SupervisorMsg>, reason: ExitReason) {
-        let clean = self.stop_children().await;
+        let clean = self.stop_children().await
+            && self
+                .ctx
+                .drained_in_time
+                .load(std::sync::atomic::Ordering::Relaxed);
         let reason = match reason {
             ExitReason::Shutdown if !clean => ExitReason::ShutdownTimedOut,
             other => other,
