@@ -24,13 +24,23 @@ fn lab(users: &[LabUser]) -> Lab {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_have_details_and_growing_counters() {
+    sessions_have_details(BackendKind::Native).await;
+}
+
+/// The occtl backend through the whole actor tree, as the native one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn occtl_backend_sessions_have_details_and_growing_counters() {
+    sessions_have_details(BackendKind::Occtl).await;
+}
+
+async fn sessions_have_details(backend: BackendKind) {
     let lab = lab(&[
         LabUser::new("alice", "pw-alice").in_group("staff"),
         LabUser::new("bob", "pw-bob"),
     ]);
     let alice = lab.connect("alice", "pw-alice").unwrap();
     let bob = lab.connect("bob", "pw-bob").unwrap();
-    let a = agent::start(agent::config_for(&lab, BackendKind::Native)).await;
+    let a = agent::start(agent::config_for(&lab, backend)).await;
     let mut c = agent::client(&a).await;
 
     let all = agent::wait_sessions(&mut c, "", 2).await;
@@ -109,6 +119,15 @@ fn alice_id(all: &[ocserv_agent::proto::agent::v1::VpnSession], user: &str) -> S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_user_drops_clients_and_counts_them() {
+    disconnect_user_drops_clients(BackendKind::Native).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn occtl_backend_disconnect_user_drops_clients_and_counts_them() {
+    disconnect_user_drops_clients(BackendKind::Occtl).await;
+}
+
+async fn disconnect_user_drops_clients(backend: BackendKind) {
     let lab = lab(&[
         LabUser::new("carol", "pw-carol"),
         LabUser::new("dave", "pw-dave"),
@@ -116,7 +135,7 @@ async fn disconnect_user_drops_clients_and_counts_them() {
     let carol = lab.connect("carol", "pw-carol").unwrap();
     let dave1 = lab.connect("dave", "pw-dave").unwrap();
     let dave2 = lab.connect("dave", "pw-dave").unwrap();
-    let a = agent::start(agent::config_for(&lab, BackendKind::Native)).await;
+    let a = agent::start(agent::config_for(&lab, backend)).await;
     let mut c = agent::client(&a).await;
     agent::wait_sessions(&mut c, "", 3).await;
 
