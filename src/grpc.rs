@@ -473,6 +473,68 @@ mod tests {
     use super::*;
     use crate::registry::tests::session;
 
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(5)
+    }
+
+    #[tokio::test]
+    async fn a_kick_is_claimed_once_and_a_failed_one_is_retried() {
+        let kicks = Arc::new(Kicks::default());
+        let key = session(7, "a", 10).key();
+        let Some(Claimed::Mine(first)) = kicks.claim(&key, far()).await else {
+            panic!("first caller claims")
+        };
+        // A concurrent caller waits for the outcome.
+        let k2 = kicks.clone();
+        let key2 = key.clone();
+        let waiter =
+            tokio::spawn(
+                async move { matches!(k2.claim(&key2, far()).await, Some(Claimed::Taken)) },
+            );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        first.finish(true);
+        assert!(
+            waiter.await.unwrap(),
+            "the second caller is told it was taken"
+        );
+        // Later callers too, while the kick is remembered.
+        assert!(matches!(
+            kicks.claim(&key, far()).await,
+            Some(Claimed::Taken)
+        ));
+        // A new session under the recycled ID is a different claim.
+        let other = session(7, "b", 99).key();
+        let Some(Claimed::Mine(c)) = kicks.claim(&other, far()).await else {
+            panic!("a recycled ID is not the kicked session")
+        };
+        // A failed kick lets a waiting caller try itself.
+        let k3 = kicks.clone();
+        let o2 = other.clone();
+        let retry =
+            tokio::spawn(
+                async move { matches!(k3.claim(&o2, far()).await, Some(Claimed::Mine(_))) },
+            );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        c.finish(false);
+        assert!(retry.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_claim_waits_no_longer_than_the_deadline() {
+        let kicks = Kicks::default();
+        let key = session(1, "a", 1).key();
+        let _held = kicks.claim(&key, far()).await;
+        let soon = Instant::now() + Duration::from_millis(30);
+        assert!(kicks.claim(&key, soon).await.is_none());
+    }
+
+    #[test]
+    fn reply_cost_is_bounded() {
+        assert_eq!(reply_cost_kib(0), 1);
+        assert_eq!(reply_cost_kib(10_000), 7500);
+        assert_eq!(reply_cost_kib(10_000_000), REPLY_BUDGET_KIB);
+    }
+
     #[test]
     fn newest_session_is_the_single_target() {
         let s = vec![

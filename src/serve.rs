@@ -598,8 +598,23 @@ async fn drive(
     limits: Limits,
     draining: CancellationToken,
 ) {
-    let check = (limits.read_timeout.min(limits.idle_timeout) / 4).max(Duration::from_millis(50));
     loop {
+        // Before the first request the read timeout applies, afterwards the idle timeout.
+        let limit = if activity.requests.load(Ordering::Relaxed) == 0 {
+            limits.read_timeout
+        } else {
+            limits.idle_timeout
+        };
+        let wake = match activity.idle_for() {
+            Some(idle) if idle >= limit => {
+                conn.as_mut().shut_down();
+                let _ = tokio::time::timeout(CLOSE_BOUND, conn.as_mut()).await;
+                return;
+            }
+            Some(idle) => limit - idle,
+            // Busy: look again after a full period.
+            None => limit,
+        };
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -614,18 +629,7 @@ async fn drive(
                 let _ = conn.as_mut().await;
                 return;
             }
-            _ = tokio::time::sleep(check) => {
-                let limit = if activity.requests.load(Ordering::Relaxed) == 0 {
-                    limits.read_timeout
-                } else {
-                    limits.idle_timeout
-                };
-                if activity.idle_for().is_some_and(|idle| idle >= limit) {
-                    conn.as_mut().shut_down();
-                    let _ = tokio::time::timeout(CLOSE_BOUND, conn.as_mut()).await;
-                    return;
-                }
-            }
+            _ = tokio::time::sleep(wake) => {}
         }
     }
 }

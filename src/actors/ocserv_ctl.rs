@@ -191,3 +191,26 @@ impl Actor for OcservCtl {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_exchanges_with_ocserv_move_ocserv_up() {
+        assert_eq!(exchange_outcome(&Ok(())), Some(true));
+        let refused: CtlResult<()> = Err(CtlError::Refused { command: "reload" });
+        assert_eq!(exchange_outcome(&refused), Some(true), "ocserv answered");
+        let e: CtlResult<()> = Err(CtlError::NoReply { command: "list" });
+        assert_eq!(exchange_outcome(&e), Some(false));
+        let e: CtlResult<()> = Err(CtlError::Protocol {
+            command: "list",
+            reason: "garbage".into(),
+        });
+        assert_eq!(exchange_outcome(&e), Some(false));
+        let busy: CtlResult<()> = Err(CtlError::Busy(crate::gate::Refused::QueueFull {
+            waiting: 1,
+        }));
+        assert_eq!(exchange_outcome(&busy), None, "never reached ocserv");
+    }
+}
