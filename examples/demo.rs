@@ -89,14 +89,17 @@ fn main() -> eyre::Result<()> {
     }
 
     step("starting ocserv-agent");
-    let grpc = format!("127.0.0.1:{}", free_port()?);
+    // The control channel is a Unix socket (root only, checked by peer credentials); the demo
+    // keeps it in the lab's temp dir.
+    let grpc = lab.dir.join("agent.sock");
     let metrics = format!("127.0.0.1:{}", free_port()?);
     let config = lab.dir.join("agent.toml");
     std::fs::write(
         &config,
         format!(
-            "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"1s\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[metrics]\nlisten = \"{metrics}\"\n",
-            lab.occtl_socket.display().to_string()
+            "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"1s\"\n\n[grpc]\nsocket = {:?}\n\n[metrics]\nlisten = \"{metrics}\"\n",
+            lab.occtl_socket.display().to_string(),
+            grpc.display().to_string()
         ),
     )?;
     let log = std::fs::File::create(lab.dir.join("agent.log"))?;
@@ -119,7 +122,10 @@ fn main() -> eyre::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        println!("agent ready: gRPC on {grpc}, metrics on http://{metrics}/metrics");
+        println!(
+            "agent ready: gRPC on the control socket {}, metrics on http://{metrics}/metrics",
+            grpc.display()
+        );
 
         step("ocserv-agent sessions");
         print!("{}", agent_cli(&bin, &["sessions", "--config", cfg])?);
