@@ -140,18 +140,20 @@ impl Listener {
         })
     }
 
-    /// Refuses new connections for good: the socket file goes, and the listening socket is shut
-    /// down (connections in its backlog are reset).
+    /// Refuses new connections for good. TCP: the listening socket is shut down (accept then
+    /// fails, and connects are refused). Unix: the socket file goes, so clients find nothing to
+    /// connect to (a shut-down Unix listener would stay readable for ever and make the accept
+    /// loop spin).
     fn close(&self) {
         use std::os::fd::AsRawFd;
-        let fd = match self {
-            Self::Tcp(l) => l.as_raw_fd(),
-            Self::Unix { listener, path, .. } => {
-                let _ = std::fs::remove_file(path);
-                listener.as_raw_fd()
+        match self {
+            Self::Tcp(l) => {
+                let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             }
-        };
-        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+            Self::Unix { path, .. } => {
+                let _ = std::fs::remove_file(path);
+            }
+        }
     }
 
     /// Where it listens, for logs and clients.

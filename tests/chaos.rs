@@ -245,3 +245,36 @@ async fn exceeding_restart_intensity_stops_the_agent_non_zero() {
         assert!(ractor::registry::where_is(child.name()).is_none());
     }
 }
+
+/// A server whose serving task dies is noticed: its actor fails and is restarted. Here the metrics
+/// listener is shut down under the agent (accept fails for good), so every restart fails again and
+/// the supervisor escalates instead of leaving a live actor that serves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_whose_listener_breaks_fails_and_escalates() {
+    use std::os::fd::AsRawFd;
+    let lab = Lab::start(LabOptions::default()).unwrap();
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.supervisor.restart_intensity = 3;
+    let mut a = agent::start(cfg).await;
+    assert_eq!(agent::http_get(a.metrics_addr, "/healthz").await.0, 200);
+    let ocserv_agent::serve::Listener::Tcp(l) = &a.ctx.metrics_endpoint.listener else {
+        panic!("metrics listens on TCP")
+    };
+    nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
+    let reason = tokio::time::timeout(Duration::from_secs(10), a.wait())
+        .await
+        .expect("the supervisor gives up on a server that cannot serve");
+    assert_eq!(
+        reason,
+        ExitReason::RestartIntensityExceeded {
+            actor: METRICS_SERVER
+        }
+    );
+    // It was restarted (not left alive and deaf) before the supervisor gave up.
+    let text = a.metrics.encode();
+    let restarts = agent::metric(
+        &text,
+        "ocserv_agent_actor_restarts_total{actor=\"metrics_server\"}",
+    );
+    assert!(restarts.is_some_and(|n| n >= 1.0), "{text}");
+}
