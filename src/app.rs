@@ -41,6 +41,8 @@ pub struct Agent {
     pub metrics: Arc<Metrics>,
     pub ctx: Arc<Context>,
     supervisor: ActorRef<SupervisorMsg>,
+    /// The supervisor's task: awaited on shutdown, so its name is free again once it returns.
+    supervisor_done: Option<tokio::task::JoinHandle<()>>,
     exit: watch::Receiver<Option<ExitReason>>,
 }
 
@@ -120,7 +122,7 @@ pub async fn start(config: Config) -> eyre::Result<Agent> {
         },
     )
     .await;
-    let (supervisor, _join) = match started {
+    let (supervisor, join) = match started {
         Ok(s) => s,
         Err(e) => {
             let detail = exit_rx
@@ -145,6 +147,7 @@ pub async fn start(config: Config) -> eyre::Result<Agent> {
         metrics,
         ctx,
         supervisor,
+        supervisor_done: Some(join),
         exit: exit_rx,
     })
 }
@@ -171,10 +174,14 @@ impl Agent {
             .supervisor
             .call(SupervisorMsg::Shutdown, Some(bound))
             .await;
-        match tokio::time::timeout(bound, self.wait()).await {
+        let reason = match tokio::time::timeout(bound, self.wait()).await {
             Ok(r) => r,
-            Err(_) => ExitReason::ShutdownTimedOut,
+            Err(_) => return ExitReason::ShutdownTimedOut,
+        };
+        if let Some(done) = self.supervisor_done.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), done).await;
         }
+        reason
     }
 }
 

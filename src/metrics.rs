@@ -267,6 +267,12 @@ impl Metrics {
         }
     }
 
+    pub fn set_connections_open(&self, listener: &'static str, n: usize) {
+        self.connections_open
+            .get_or_create(&ListenerLabel { listener })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
         self.connections_refused
             .get_or_create(&RefusedLabels { listener, reason })

@@ -273,15 +273,8 @@ impl Endpoint {
         B::Error: Into<BoxError>,
     {
         let acceptor = self.acceptor()?;
-        let open = metrics
-            .connections_open
-            .get_or_create(&crate::metrics::ListenerLabel {
-                listener: self.label,
-            })
-            .clone();
         let mut pause = Duration::from_millis(10);
         loop {
-            open.set(self.connections.len() as i64);
             let accepted = tokio::select! {
                 _ = self.draining.cancelled() => return Ok(()),
                 r = acceptor.accept() => r,

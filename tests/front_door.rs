@@ -854,13 +854,16 @@ async fn reflection_advertises_exactly_the_services_served() {
             "the portal's services are called, not served: {names:?}"
         );
     }
-    // `with_service_name` replaces tonic-reflection's "every service in the descriptor sets",
-    // and the reflection service itself is only advertised in that default mode: the list is
-    // the two named services (the reflection services are served but not listed).
-    let expected: BTreeSet<String> = ["agent.v1.VPNAgentService", "grpc.health.v1.Health"]
-        .into_iter()
-        .map(String::from)
-        .collect();
+    // Exactly what is served: the agent's service, health, and both reflection versions.
+    let expected: BTreeSet<String> = [
+        "agent.v1.VPNAgentService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
     assert_eq!(v1_names, expected, "v1 list");
     assert_eq!(v1alpha_names, expected, "v1alpha list");
     a.shutdown().await;

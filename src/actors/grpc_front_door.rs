@@ -31,8 +31,14 @@ pub struct GrpcFrontDoor;
 /// How often the health service's status follows readiness.
 pub const HEALTH_POLL: Duration = Duration::from_millis(250);
 
-/// The services this front door serves, as advertised by reflection.
-pub const SERVED: [&str; 2] = ["agent.v1.VPNAgentService", "grpc.health.v1.Health"];
+/// The services this front door serves, as advertised by reflection (the agent's service first:
+/// its health status follows readiness).
+pub const SERVED: [&str; 4] = [
+    "agent.v1.VPNAgentService",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
 
 async fn follow_readiness(ctx: Arc<Context>, reporter: HealthReporter) {
     use tonic_health::ServingStatus;

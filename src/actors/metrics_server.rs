@@ -26,6 +26,9 @@ pub struct MetricsServer;
 
 async fn serve_metrics(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
     ctx.metrics.refresh(&ctx.health);
+    for ep in ctx.grpc_endpoints.iter().chain([&ctx.metrics_endpoint]) {
+        ctx.metrics.set_connections_open(ep.label, ep.connections());
+    }
     (
         [(
             header::CONTENT_TYPE,
