@@ -87,7 +87,8 @@ async fn answers(name: &'static str, agent: &ocserv_agent::app::Agent) -> bool {
         METRICS_SERVER => healthz(agent.metrics_addr).await,
         _ => {
             let Ok(mut c) =
-                VpnAgentServiceClient::connect(format!("http://{}", agent.grpc_addr)).await
+                VpnAgentServiceClient::connect(format!("http://{}", agent.grpc_addr.expect("TCP")))
+                    .await
             else {
                 return false;
             };
@@ -143,7 +144,8 @@ async fn actor_restarts() {
         .expect("embedded defaults are valid")
         .config;
     config.ocserv.control_socket = fake.socket.clone();
-    config.grpc.listen = "127.0.0.1:0".parse().expect("address");
+    config.grpc.listen = Some("127.0.0.1:0".parse().expect("address"));
+    config.grpc.insecure = true;
     config.metrics.listen = "127.0.0.1:0".parse().expect("address");
     config.supervisor.restart_window = RESTART_WINDOW;
     config.supervisor.restart_intensity = 10_000;

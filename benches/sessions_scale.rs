@@ -143,12 +143,13 @@ async fn latency() {
         .expect("embedded defaults are valid")
         .config;
     config.ocserv.control_socket = fake.socket.clone();
-    config.grpc.listen = "127.0.0.1:0".parse().expect("address");
+    config.grpc.listen = Some("127.0.0.1:0".parse().expect("address"));
+    config.grpc.insecure = true;
     config.metrics.listen = "127.0.0.1:0".parse().expect("address");
     let agent = ocserv_agent::app::start(config)
         .await
         .expect("the agent starts");
-    let mut c = connect(agent.grpc_addr).await;
+    let mut c = connect(agent.grpc_addr.expect("TCP listener")).await;
     let synced = wait_listed(&mut c, SESSIONS, Duration::from_secs(60)).await;
     println!("registry synced with {SESSIONS} sessions ({synced:?} after start)");
 
@@ -314,7 +315,7 @@ async fn nodelay_comparison(agent: &ocserv_agent::app::Agent, c: &mut Client, us
         let x = timed_call(c, "", false).await.0;
         let y = timed_call(&mut nd, "", false).await.0;
         let t = Instant::now();
-        let mut fresh = connect(agent.grpc_addr).await;
+        let mut fresh = connect(agent.grpc_addr.expect("TCP listener")).await;
         timed_call(&mut fresh, user, true).await;
         let p = t.elapsed();
         let t = Instant::now();

@@ -95,7 +95,7 @@ fn main() -> eyre::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"1s\"\n\n[grpc]\nlisten = \"{grpc}\"\n\n[metrics]\nlisten = \"{metrics}\"\n",
+            "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"1s\"\n\n[grpc]\nlisten = \"{grpc}\"\ninsecure = true\n\n[metrics]\nlisten = \"{metrics}\"\n",
             lab.occtl_socket.display().to_string()
         ),
     )?;

@@ -25,7 +25,8 @@ pub const EXIT_START_FAILED: i32 = 71;
 
 /// A running agent.
 pub struct Agent {
-    pub grpc_addr: SocketAddr,
+    /// The plaintext TCP gRPC listener, when `grpc.listen` is set.
+    pub grpc_addr: Option<SocketAddr>,
     pub metrics_addr: SocketAddr,
     pub metrics: Arc<Metrics>,
     supervisor: ActorRef<SupervisorMsg>,
@@ -40,15 +41,18 @@ fn bind(addr: SocketAddr, key: &str) -> eyre::Result<std::net::TcpListener> {
 /// Starts the actor tree. Returns once every actor has started.
 pub async fn start(config: Config) -> eyre::Result<Agent> {
     let config = Arc::new(config);
-    let grpc_listener = bind(config.grpc.listen, "grpc.listen")?;
+    let grpc_listener = match config.grpc.listen {
+        Some(addr) => Some(bind(addr, "grpc.listen")?),
+        None => None,
+    };
     let metrics_listener = bind(config.metrics.listen, "metrics.listen")?;
-    let grpc_addr = grpc_listener.local_addr()?;
+    let grpc_addr = grpc_listener.as_ref().map(|l| l.local_addr()).transpose()?;
     let metrics_addr = metrics_listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
     let ctx = Arc::new(Context {
         config: config.clone(),
         metrics: metrics.clone(),
-        grpc_listener: Arc::new(grpc_listener),
+        grpc_listener: grpc_listener.map(Arc::new),
         metrics_listener: Arc::new(metrics_listener),
     });
     let (exit_tx, exit_rx) = watch::channel(None);
@@ -66,7 +70,7 @@ pub async fn start(config: Config) -> eyre::Result<Agent> {
             .unwrap_or_default();
         eyre::eyre!("cannot start the actor tree: {e} {detail}")
     })?;
-    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "agent started");
+    tracing::info!(grpc = ?grpc_addr, metrics = %metrics_addr, "agent started");
     Ok(Agent {
         grpc_addr,
         metrics_addr,

@@ -29,7 +29,13 @@ fn load_or_exit(path: Option<&std::path::Path>) -> config::Loaded {
 }
 
 fn client_addr(explicit: Option<String>, path: Option<&std::path::Path>) -> String {
-    explicit.unwrap_or_else(|| format!("http://{}", load_or_exit(path).config.grpc.listen))
+    explicit.unwrap_or_else(|| match load_or_exit(path).config.grpc.listen {
+        Some(listen) => format!("http://{listen}"),
+        None => {
+            eprintln!("ocserv-agent: grpc.listen is not set; pass --addr http://HOST:PORT");
+            std::process::exit(config::EXIT_CONFIG);
+        }
+    })
 }
 
 fn main() {

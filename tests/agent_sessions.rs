@@ -69,7 +69,7 @@ async fn sessions_have_details_and_growing_counters() {
         assert!(out.status.success(), "{out:?}");
         String::from_utf8(out.stdout).unwrap()
     };
-    let addr = format!("http://{}", a.grpc_addr);
+    let addr = format!("http://{}", a.grpc_addr.expect("TCP listener"));
     let table = cli(vec!["sessions".into(), "--addr".into(), addr.clone()]).await;
     assert!(table.starts_with("ID "), "{table}");
     assert!(
@@ -181,7 +181,7 @@ async fn disconnect_user_drops_clients_and_counts_them() {
     // The CLI says the same, with exit code 1.
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ocserv-agent"))
         .args(["disconnect", "nobody-here", "--addr"])
-        .arg(format!("http://{}", a.grpc_addr))
+        .arg(format!("http://{}", a.grpc_addr.expect("TCP listener")))
         .output()
         .await
         .unwrap();

@@ -83,7 +83,10 @@ fn bad_values_name_the_key_and_the_reason() {
     );
     let o = run(
         &["check-config"],
-        &[("OCSERV_AGENT__GRPC__LISTEN", "0.0.0.0:50051")],
+        &[
+            ("OCSERV_AGENT__GRPC__LISTEN", "0.0.0.0:50051"),
+            ("OCSERV_AGENT__GRPC__INSECURE", "true"),
+        ],
     );
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("loopback"), "{}", stderr(&o));
@@ -101,7 +104,7 @@ fn embedded_defaults_are_shown() {
     let o = run(&["check-config"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("127.0.0.1:50051"), "{out}");
+    assert!(out.contains("/run/ocserv-agent/agent.sock"), "{out}");
     assert!(out.contains("/var/run/occtl.socket"), "{out}");
 }
 
@@ -127,6 +130,7 @@ fn unreachable_ocserv_socket_is_reported_not_fatal() {
         .arg("run")
         .env("OCSERV_AGENT__OCSERV__CONTROL_SOCKET", &socket)
         .env("OCSERV_AGENT__GRPC__LISTEN", format!("127.0.0.1:{grpc}"))
+        .env("OCSERV_AGENT__GRPC__INSECURE", "true")
         .env(
             "OCSERV_AGENT__METRICS__LISTEN",
             format!("127.0.0.1:{metrics}"),
@@ -187,7 +191,8 @@ async fn missing_occtl_and_socket_garbage_are_named() {
         .config;
     cfg.ocserv.control_socket = sock.clone();
     cfg.ocserv.reconcile_interval = Duration::from_millis(200);
-    cfg.grpc.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.grpc.listen = Some("127.0.0.1:0".parse().unwrap());
+    cfg.grpc.insecure = true;
     cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
     let a = agent::start(cfg).await;
     let mut c = agent::client(&a).await;
@@ -219,6 +224,7 @@ fn a_listen_address_in_use_is_named_and_exits_71() {
         &["run"],
         &[
             ("OCSERV_AGENT__GRPC__LISTEN", addr.as_str()),
+            ("OCSERV_AGENT__GRPC__INSECURE", "true"),
             ("OCSERV_AGENT__METRICS__LISTEN", "127.0.0.1:0"),
         ],
     );

@@ -55,7 +55,7 @@ async fn every_actor_heals_under_load_without_dropping_sessions() {
     // A stream of queries during the whole run; every call must be answered within its deadline.
     let stop = Arc::new(AtomicBool::new(false));
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let addr = a.grpc_addr;
+    let addr = a.grpc_addr.expect("TCP listener");
     let load = {
         let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
         tokio::spawn(async move {

@@ -87,7 +87,8 @@ pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";
 pub struct Context {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
-    pub grpc_listener: Arc<std::net::TcpListener>,
+    /// The plaintext TCP gRPC listener; `None` when `grpc.listen` is not set.
+    pub grpc_listener: Option<Arc<std::net::TcpListener>>,
     pub metrics_listener: Arc<std::net::TcpListener>,
 }
 

@@ -23,7 +23,8 @@ pub fn config_for(lab: &Lab, backend: BackendKind) -> Config {
     c.ocserv.backend = backend;
     c.ocserv.control_socket = lab.occtl_socket.clone();
     c.ocserv.reconcile_interval = Duration::from_millis(300);
-    c.grpc.listen = "127.0.0.1:0".parse().unwrap();
+    c.grpc.listen = Some("127.0.0.1:0".parse().unwrap());
+    c.grpc.insecure = true;
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c.supervisor.restart_intensity = 1000;
     c
@@ -36,7 +37,8 @@ pub async fn start(config: Config) -> Agent {
 }
 
 pub async fn client(agent: &Agent) -> VpnAgentServiceClient<Channel> {
-    VpnAgentServiceClient::connect(format!("http://{}", agent.grpc_addr))
+    let addr = agent.grpc_addr.expect("the test agent listens on TCP");
+    VpnAgentServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect to the agent")
 }
