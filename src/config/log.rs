@@ -1,21 +1,19 @@
-//! `[log]`: what is logged and how.
+//! `[log]`: what is logged and how. `RUST_LOG`, when set, wins over `level`.
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::Deserializer;
 
-use super::ConfigError;
+use super::*;
 
-const LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
-
-/// `[log]`. `RUST_LOG`, when set, wins over `level`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// Least severe level logged: `trace`, `debug`, `info`, `warn` or `error` (any case, stored
-    /// lowercase).
-    #[serde(deserialize_with = "lowercase")]
-    pub level: String,
-    /// `text` for people, `json` for log collectors (one object per line).
-    pub format: LogFormat,
+section! {
+    /// `[log]`.
+    pub struct LogConfig {
+        /// Least severe level logged: `trace`, `debug`, `info`, `warn` or `error` (any case,
+        /// stored lowercase).
+        #[serde(deserialize_with = "lowercase")]
+        level: String = "info".to_owned(),
+        /// `text` for people, `json` for log collectors (one object per line).
+        format: LogFormat = LogFormat::Text,
+    }
 }
 
 /// Log line format.
@@ -26,26 +24,20 @@ pub enum LogFormat {
     Json,
 }
 
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self {
-            level: "info".to_owned(),
-            format: LogFormat::Text,
-        }
-    }
-}
-
 impl LogConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if LEVELS.contains(&self.level.as_str()) {
-            return Ok(());
+        const LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
+        match LEVELS.contains(&self.level.as_str()) {
+            true => Ok(()),
+            false => fail(
+                "log.level",
+                format!(
+                    "expected one of: {}, got {:?}",
+                    LEVELS.join(", "),
+                    self.level
+                ),
+            ),
         }
-        let reason = format!(
-            "expected one of: {}, got {:?}",
-            LEVELS.join(", "),
-            self.level
-        );
-        Err(ConfigError::new("log.level", reason))
     }
 }
 

@@ -17,6 +17,23 @@
 //! the binary exits with [`EXIT_CONFIG`]. Nothing panics on outside input. [`load`] re-validates
 //! from scratch (SIGHUP); [`live_changes`] says what of a difference applies without a restart.
 
+/// One `[section]`: a struct whose keys each carry their doc comment, serde attributes, type
+/// and default in one place (`key: Type = default,`); `Default` is built from those defaults.
+macro_rules! section {
+    ($(#[$m:meta])* pub struct $name:ident { $($(#[$a:meta])* $key:ident: $ty:ty = $default:expr,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name { $($(#[$a])* pub $key: $ty,)* }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $($key: $default,)* }
+            }
+        }
+    };
+}
+
 mod agent;
 mod grpc;
 mod log;

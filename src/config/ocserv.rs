@@ -1,49 +1,30 @@
 //! `[ocserv]`: how to reach the ocserv beside the agent, and how hard to press it.
 
-use std::path::PathBuf;
-use std::time::Duration;
-
-use serde::{Deserialize, Serialize};
-
-use super::{absolute, duration, ms, number, secs, ConfigError};
+use super::*;
 use crate::ocserv::BackendKind;
 
-/// `[ocserv]`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OcservConfig {
-    /// `native` speaks ocserv's control socket directly; `occtl` runs the occtl binary (slower;
-    /// a fallback for ocserv versions the native client cannot read).
-    pub backend: BackendKind,
-    /// ocserv's control socket (ocserv.conf `occtl-socket-file`), used by the native backend.
-    /// An absolute path.
-    pub control_socket: PathBuf,
-    /// The occtl binary, used by the occtl backend. An absolute path.
-    pub occtl_path: PathBuf,
-    /// Deadline of one request to ocserv (either backend); 10ms to 1m.
-    #[serde(with = "humantime_serde")]
-    pub request_timeout: Duration,
-    /// How often sessions are reconciled against ocserv's own list (finds sessions the hooks
-    /// missed, closes vanished ones, refreshes counters); 100ms to 1h.
-    #[serde(with = "humantime_serde")]
-    pub reconcile_interval: Duration,
-    /// Calls to ocserv in flight at once (its main loop is single-threaded); 1 to 64.
-    pub max_in_flight: usize,
-    /// Calls waiting beyond `max_in_flight` before new ones are refused; 0 to 100000.
-    pub max_queued: usize,
-}
-
-impl Default for OcservConfig {
-    fn default() -> Self {
-        Self {
-            backend: BackendKind::Native,
-            control_socket: "/var/run/occtl.socket".into(),
-            occtl_path: "/usr/bin/occtl".into(),
-            request_timeout: secs(2),
-            reconcile_interval: secs(10),
-            max_in_flight: 4,
-            max_queued: 256,
-        }
+section! {
+    /// `[ocserv]`.
+    pub struct OcservConfig {
+        /// `native` speaks ocserv's control socket directly; `occtl` runs the occtl binary
+        /// (slower; a fallback for ocserv versions the native client cannot read).
+        backend: BackendKind = BackendKind::Native,
+        /// ocserv's control socket (ocserv.conf `occtl-socket-file`), used by the native
+        /// backend. An absolute path.
+        control_socket: PathBuf = "/var/run/occtl.socket".into(),
+        /// The occtl binary, used by the occtl backend. An absolute path.
+        occtl_path: PathBuf = "/usr/bin/occtl".into(),
+        /// Deadline of one request to ocserv (either backend); 10ms to 1m.
+        #[serde(with = "humantime_serde")]
+        request_timeout: Duration = secs(2),
+        /// How often sessions are reconciled against ocserv's own list (finds sessions the hooks
+        /// missed, closes vanished ones, refreshes counters); 100ms to 1h.
+        #[serde(with = "humantime_serde")]
+        reconcile_interval: Duration = secs(10),
+        /// Calls to ocserv in flight at once (its main loop is single-threaded); 1 to 64.
+        max_in_flight: usize = 4,
+        /// Calls waiting beyond `max_in_flight` before new ones are refused; 0 to 100000.
+        max_queued: usize = 256,
     }
 }
 
