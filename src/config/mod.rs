@@ -144,18 +144,17 @@ pub struct Changes {
 /// The keys whose value differs between `old` and `new`, split by [`LIVE_KEYS`].
 pub fn live_changes(old: &Config, new: &Config) -> Changes {
     let old = old.entries();
-    let mut changes = Changes::default();
-    for (key, _) in new
+    let changed = new
         .entries()
         .into_iter()
-        .filter(|(k, v)| old.get(k) != Some(v))
-    {
-        match LIVE_KEYS.contains(&key.as_str()) {
-            true => changes.applied.push(key),
-            false => changes.need_restart.push(key),
-        }
+        .filter(|(k, v)| old.get(k) != Some(v));
+    let (applied, need_restart) = changed
+        .map(|(k, _)| k)
+        .partition(|k| LIVE_KEYS.contains(&k.as_str()));
+    Changes {
+        applied,
+        need_restart,
     }
-    changes
 }
 
 /// Where the configuration came from.
@@ -186,12 +185,13 @@ pub struct Loaded {
 impl Loaded {
     /// One line for the startup log: the source and the keys left at their defaults.
     pub fn summary(&self) -> String {
-        let defaults = match self.defaults_used.join(", ") {
-            none if none.is_empty() => "no embedded defaults used".to_owned(),
-            _ if self.defaults_used.len() == self.config.entries().len() => {
-                "embedded defaults used for every key".to_owned()
-            }
-            keys => format!("embedded defaults used for: {keys}"),
+        let defaults = match self.defaults_used.len() {
+            0 => "no embedded defaults used".to_owned(),
+            n if n == self.config.entries().len() => "embedded defaults used for every key".into(),
+            _ => format!(
+                "embedded defaults used for: {}",
+                self.defaults_used.join(", ")
+            ),
         };
         format!("configuration from {}; {defaults}", self.source)
     }

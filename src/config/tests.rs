@@ -99,8 +99,8 @@ fn example_file_loads_and_sets_every_key() {
     assert_eq!(l.config, expected);
     for key in all_keys() {
         let var = env_var_name(
-            key.split('.').next().unwrap(),
-            key.split('.').nth(1).unwrap(),
+            key.split_once('.').unwrap().0,
+            key.split_once('.').unwrap().1,
         );
         assert!(EXAMPLE.contains(&var), "example does not name {var}");
     }
@@ -280,6 +280,7 @@ fn wrong_types_name_the_key() {
         ("[grpc]\nmax_concurrent_requests = -1\n", "grpc.max_concurrent_requests", "got integer -1"),
         ("[grpc]\nmax_concurrent_requests = 1.5\n", "grpc.max_concurrent_requests", "got float 1.5"),
         ("[grpc]\nlisten = \"localhost\"\n", "grpc.listen", "socket address"),
+        ("[grpc]\nlisten = nan\n", "grpc.listen", "socket address"),
         ("[grpc]\nallowed_uids = 0\n", "grpc.allowed_uids", "got integer 0"),
         ("[grpc]\ninsecure = \"yes\"\n", "grpc.insecure", "expected a boolean"),
         ("[metrics]\nlisten = 9102\n", "metrics.listen", "socket address"),
