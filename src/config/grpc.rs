@@ -24,25 +24,20 @@ section! {
         /// at once. 1 to 1000000.
         max_connections: usize = 4096,
         /// A connection without a request for this long is closed (per listener); 1s to 1d.
-        #[serde(with = "humantime_serde")]
-        idle_timeout: Duration = secs(300),
+        #[serde(with = "humantime_serde")] idle_timeout: Duration = secs(300),
         /// HTTP/2 concurrent streams per connection; 1 to 1024.
         max_streams_per_connection: u32 = 32,
         /// How long a request's headers and body may take to arrive once its stream opened (a
         /// stream that never sends its body is cut); 100ms to 5m.
-        #[serde(with = "humantime_serde")]
-        read_timeout: Duration = secs(10),
+        #[serde(with = "humantime_serde")] read_timeout: Duration = secs(10),
         /// HTTP/2 keepalive: how often a connection is PINGed; 1s to 1h.
-        #[serde(with = "humantime_serde")]
-        keepalive_interval: Duration = secs(30),
+        #[serde(with = "humantime_serde")] keepalive_interval: Duration = secs(30),
         /// HTTP/2 keepalive: a PING unanswered for this long closes the connection; 1s to 5m.
-        #[serde(with = "humantime_serde")]
-        keepalive_timeout: Duration = secs(10),
+        #[serde(with = "humantime_serde")] keepalive_timeout: Duration = secs(10),
         /// Requests served at once across all connections; more wait. 1 to 65536.
         max_concurrent_requests: usize = 256,
         /// Deadline of one gRPC request, end to end; 1ms to 1h.
-        #[serde(with = "humantime_serde")]
-        request_timeout: Duration = secs(5),
+        #[serde(with = "humantime_serde")] request_timeout: Duration = secs(5),
     }
 }
 

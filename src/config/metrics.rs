@@ -14,11 +14,9 @@ section! {
         /// Connections open at once; one over the cap is closed at once. 1 to 1000000.
         max_connections: usize = 256,
         /// A connection with no request for this long is closed; 1s to 1d.
-        #[serde(with = "humantime_serde")]
-        idle_timeout: Duration = secs(30),
+        #[serde(with = "humantime_serde")] idle_timeout: Duration = secs(30),
         /// How long a request's headers may take to arrive; 100ms to 5m.
-        #[serde(with = "humantime_serde")]
-        header_timeout: Duration = secs(5),
+        #[serde(with = "humantime_serde")] header_timeout: Duration = secs(5),
     }
 }
 

@@ -20,7 +20,9 @@
 /// One `[section]`: a struct whose keys each carry their doc comment, serde attributes, type
 /// and default in one place (`key: Type = default,`); `Default` is built from those defaults.
 macro_rules! section {
-    ($(#[$m:meta])* pub struct $name:ident { $($(#[$a:meta])* $key:ident: $ty:ty = $default:expr,)* }) => {
+    ($(#[$m:meta])* pub struct $name:ident {
+        $($(#[$a:meta])* $key:ident: $ty:ty = $default:expr,)*
+    }) => {
         $(#[$m])*
         #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(default, deny_unknown_fields)]

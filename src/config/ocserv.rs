@@ -15,12 +15,10 @@ section! {
         /// The occtl binary, used by the occtl backend. An absolute path.
         occtl_path: PathBuf = "/usr/bin/occtl".into(),
         /// Deadline of one request to ocserv (either backend); 10ms to 1m.
-        #[serde(with = "humantime_serde")]
-        request_timeout: Duration = secs(2),
+        #[serde(with = "humantime_serde")] request_timeout: Duration = secs(2),
         /// How often sessions are reconciled against ocserv's own list (finds sessions the hooks
         /// missed, closes vanished ones, refreshes counters); 100ms to 1h.
-        #[serde(with = "humantime_serde")]
-        reconcile_interval: Duration = secs(10),
+        #[serde(with = "humantime_serde")] reconcile_interval: Duration = secs(10),
         /// Calls to ocserv in flight at once (its main loop is single-threaded); 1 to 64.
         max_in_flight: usize = 4,
         /// Calls waiting beyond `max_in_flight` before new ones are refused; 0 to 100000.

@@ -12,23 +12,18 @@ section! {
     pub struct SupervisorConfig {
         /// First delay before restarting a failed actor; each further restart doubles it (with
         /// jitter) up to `restart_backoff_max`.
-        #[serde(with = "humantime_serde")]
-        restart_backoff_initial: Duration = ms(1),
+        #[serde(with = "humantime_serde")] restart_backoff_initial: Duration = ms(1),
         /// Longest delay between restarts of a failing actor; not below the initial one.
-        #[serde(with = "humantime_serde")]
-        restart_backoff_max: Duration = secs(5),
+        #[serde(with = "humantime_serde")] restart_backoff_max: Duration = secs(5),
         /// More than this many restarts within `restart_window` make the agent exit non-zero
         /// (systemd then restarts the process); at least 1.
         restart_intensity: u32 = 5,
         /// The sliding window in which `restart_intensity` is counted.
-        #[serde(with = "humantime_serde")]
-        restart_window: Duration = secs(30),
+        #[serde(with = "humantime_serde")] restart_window: Duration = secs(30),
         /// On shutdown, how long actors get to finish before the process exits anyway.
-        #[serde(with = "humantime_serde")]
-        shutdown_grace: Duration = secs(10),
+        #[serde(with = "humantime_serde")] shutdown_grace: Duration = secs(10),
         /// Deadline of every call from one actor to another.
-        #[serde(with = "humantime_serde")]
-        call_timeout: Duration = secs(2),
+        #[serde(with = "humantime_serde")] call_timeout: Duration = secs(2),
     }
 }
 
