@@ -274,7 +274,7 @@ pub async fn reload(
         tracing::info!("SIGHUP: configuration unchanged");
         return;
     }
-    if changes.applied.contains(&"log.level") {
+    if changes.applied.iter().any(|k| k == "log.level") {
         if let Err(e) = set_log_level(&new.log.level) {
             tracing::error!("SIGHUP: cannot apply log.level: {e}");
         }

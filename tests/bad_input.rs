@@ -5,17 +5,17 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use ocserv_agent::ocserv::OcservBackend;
 use support::agent;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ocserv-agent");
+use support::agent::agent_cmd;
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).stdin(Stdio::null());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = agent_cmd(dir.path(), args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -83,7 +83,10 @@ fn bad_values_name_the_key_and_the_reason() {
     );
     let o = run(
         &["check-config"],
-        &[("OCSERV_AGENT__GRPC__LISTEN", "0.0.0.0:50051")],
+        &[
+            ("OCSERV_AGENT__GRPC__LISTEN", "0.0.0.0:50051"),
+            ("OCSERV_AGENT__GRPC__INSECURE", "true"),
+        ],
     );
     assert_eq!(o.status.code(), Some(64));
     assert!(stderr(&o).contains("loopback"), "{}", stderr(&o));
@@ -101,7 +104,7 @@ fn embedded_defaults_are_shown() {
     let o = run(&["check-config"], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("127.0.0.1:50051"), "{out}");
+    assert!(out.contains("/run/ocserv-agent/agent.sock"), "{out}");
     assert!(out.contains("/var/run/occtl.socket"), "{out}");
 }
 
@@ -115,33 +118,40 @@ fn cli_against_a_stopped_agent_explains() {
         "{}",
         stderr(&o)
     );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let o = run(&["sessions", "--socket", socket.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(69));
+    assert!(
+        stderr(&o).contains(&format!("cannot reach the agent at {}", socket.display())),
+        "{}",
+        stderr(&o)
+    );
 }
 
 /// The real binary with no ocserv behind it: it keeps running, reports unready, and the CLI says why.
 #[test]
 fn unreachable_ocserv_socket_is_reported_not_fatal() {
-    let (grpc, metrics) = (free_port(), free_port());
+    let metrics = free_port();
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("missing.socket");
-    let mut child = Command::new(BIN)
-        .arg("run")
+    let mut child = agent_cmd(dir.path(), &["run"])
         .env("OCSERV_AGENT__OCSERV__CONTROL_SOCKET", &socket)
-        .env("OCSERV_AGENT__GRPC__LISTEN", format!("127.0.0.1:{grpc}"))
         .env(
             "OCSERV_AGENT__METRICS__LISTEN",
             format!("127.0.0.1:{metrics}"),
         )
         .env("OCSERV_AGENT__OCSERV__RECONCILE_INTERVAL", "200ms")
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let addr = format!("http://127.0.0.1:{grpc}");
+    let agent_socket = dir.path().join("agent.sock");
+    let addr = agent_socket.to_str().unwrap();
     let mut last = String::new();
     let mut seen = false;
     for _ in 0..100 {
-        let o = run(&["sessions", "--addr", &addr], &[]);
+        let o = run(&["sessions", "--socket", addr], &[]);
         last = stderr(&o);
         if o.status.code() == Some(69) && last.contains(socket.to_str().unwrap()) {
             seen = true;
@@ -219,6 +229,7 @@ fn a_listen_address_in_use_is_named_and_exits_71() {
         &["run"],
         &[
             ("OCSERV_AGENT__GRPC__LISTEN", addr.as_str()),
+            ("OCSERV_AGENT__GRPC__INSECURE", "true"),
             ("OCSERV_AGENT__METRICS__LISTEN", "127.0.0.1:0"),
         ],
     );

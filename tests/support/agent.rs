@@ -135,3 +135,31 @@ pub fn ocserv_ids(lab: &Lab) -> Vec<u32> {
     ids.sort_unstable();
     ids
 }
+
+/// The agent binary, hermetic: no inherited `OCSERV_AGENT*` variables or `RUST_LOG`, an explicit
+/// configuration file (an empty one unless `args` name one), so `/etc/ocserv-agent` is never read,
+/// and, for `run`, the control socket in `dir`.
+#[cfg(test)] // the binary is known to integration tests only, not to the demo example
+pub fn agent_cmd(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ocserv-agent"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy()
+            .to_uppercase()
+            .starts_with("OCSERV_AGENT")
+        {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null());
+    if !args.contains(&"--config") {
+        let empty = dir.join("empty.toml");
+        std::fs::write(&empty, "").unwrap();
+        cmd.arg("--config").arg(empty);
+    }
+    if args.first() == Some(&"run") {
+        cmd.env("OCSERV_AGENT__GRPC__SOCKET", dir.join("agent.sock"));
+    }
+    cmd.args(args);
+    cmd
+}

@@ -1,0 +1,45 @@
+//! `[agent]`: who this agent is and where it keeps its state.
+
+use super::*;
+
+section! {
+    /// `[agent]`: identity and local state.
+    pub struct AgentConfig {
+        /// Names this agent towards the portal (reserved until the portal link lands). 1 to 64
+        /// characters from `A-Z a-z 0-9 . _ -`; by default the hostname when it is a valid id,
+        /// else `ocserv-agent`.
+        id: String = default_agent_id(),
+        /// Directory for durable state (reserved: this version keeps none and does not create
+        /// it). An absolute path.
+        state_dir: PathBuf = "/var/lib/ocserv-agent".into(),
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        check_id(&self.id).or_else(|reason| fail("agent.id", reason))?;
+        absolute("agent.state_dir", &self.state_dir)
+    }
+}
+
+/// The default agent id: the machine's hostname when it is a valid id, else `ocserv-agent`.
+pub fn default_agent_id() -> String {
+    let names = ["/proc/sys/kernel/hostname", "/etc/hostname"].map(std::fs::read_to_string);
+    let mut names = names.into_iter().flatten().map(|s| s.trim().to_owned());
+    names
+        .find(|s| check_id(s).is_ok())
+        .unwrap_or_else(|| "ocserv-agent".to_owned())
+}
+
+pub(super) fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 64 {
+        return Err(format!("must be 1 to 64 characters long, got {}", id.len()));
+    }
+    let bad = |c: &char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    match id.chars().find(bad) {
+        Some(c) => Err(format!(
+            "character {c:?} not allowed (use A-Z a-z 0-9 . _ -)"
+        )),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,561 @@
+//! Agent configuration: load, check and type it before anything starts (DESIGN §8).
+//!
+//! Inputs: an optional TOML file (by default [`DEFAULT_PATH`]) and environment overrides named
+//! `OCSERV_AGENT__<SECTION>__<KEY>`, which win over the file. Each section is one typed struct in
+//! its own file: its doc comments document the keys, its `Default` holds the defaults, its
+//! `validate` checks them, and serde loads it (`deny_unknown_fields`) and prints it. Nothing
+//! lists the keys again: the key list, the type an environment value is parsed into and the keys
+//! a reload changed all come from the serialized structs ([`Config::entries`]).
+//!
+//! The `config` crate reads the file and layers the overrides on it; the merged tree is then
+//! deserialized strictly (a TOML integer is not a string). Environment values are strings, typed
+//! like the key's default: numbers, booleans, comma-separated lists.
+//!
+//! Output: a [`Loaded`]: the validated [`Config`], its source, the keys left at their default.
+//! Failure: one [`ConfigError`] naming the dotted key (`ocserv.request_timeout`), the environment
+//! variable when the value came from there, or the file for file-level problems, and the reason;
+//! the binary exits with [`EXIT_CONFIG`]. Nothing panics on outside input. [`load`] re-validates
+//! from scratch (SIGHUP); [`live_changes`] says what of a difference applies without a restart.
+
+/// One `[section]`: a struct whose keys each carry their doc comment, serde attributes, type
+/// and default in one place (`key: Type = default,`); `Default` is built from those defaults.
+macro_rules! section {
+    ($(#[$m:meta])* pub struct $name:ident {
+        $($(#[$a:meta])* $key:ident: $ty:ty = $default:expr,)*
+    }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct $name { $($(#[$a])* pub $key: $ty,)* }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self { $($key: $default,)* }
+            }
+        }
+    };
+}
+
+mod agent;
+mod grpc;
+mod log;
+mod metrics;
+mod ocserv;
+mod supervisor;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value as Json};
+
+pub use agent::{default_agent_id, AgentConfig};
+pub use grpc::GrpcConfig;
+pub use log::{LogConfig, LogFormat};
+pub use metrics::MetricsConfig;
+pub use ocserv::OcservConfig;
+pub use supervisor::{SupervisorConfig, RESTART_BACKOFF_MULTIPLIER};
+
+/// Process exit code for an invalid configuration (`EX_CONFIG` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+/// Where the agent looks for its configuration when no path is given.
+pub const DEFAULT_PATH: &str = "/etc/ocserv-agent/agent.toml";
+/// Prefix of environment overrides; the full name is `OCSERV_AGENT__<SECTION>__<KEY>`.
+pub const ENV_PREFIX: &str = "OCSERV_AGENT";
+/// Separator between prefix, section and key in environment override names.
+pub const ENV_SEPARATOR: &str = "__";
+/// Keys a running agent can apply on SIGHUP; a change to any other key needs a restart.
+pub const LIVE_KEYS: &[&str] = &[
+    "log.level",
+    "ocserv.reconcile_interval",
+    "ocserv.request_timeout",
+    "grpc.request_timeout",
+    "supervisor.call_timeout",
+    "supervisor.shutdown_grace",
+];
+
+/// An invalid configuration: which key (dotted, env var name, or file path) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        let (key, reason) = (key.into(), reason.into());
+        Self { key, reason }
+    }
+}
+
+/// `Err` naming `key` and the reason.
+fn fail<T>(key: impl Into<String>, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError::new(key, reason))
+}
+
+/// The whole typed configuration, one field per `[section]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub ocserv: OcservConfig,
+    pub grpc: GrpcConfig,
+    pub metrics: MetricsConfig,
+    pub supervisor: SupervisorConfig,
+    pub log: LogConfig,
+}
+
+impl Config {
+    /// Every section's checks; the first failure names its dotted key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.agent.validate()?;
+        self.ocserv.validate()?;
+        self.grpc.validate()?;
+        self.metrics.validate()?;
+        self.supervisor.validate()?;
+        self.log.validate()
+    }
+
+    /// Every key as `section.key` with its value, sorted; `null` for an unset optional key.
+    pub fn entries(&self) -> BTreeMap<String, Json> {
+        let mut out = BTreeMap::new();
+        if let Ok(Json::Object(sections)) = serde_json::to_value(self) {
+            for (s, table) in sections {
+                for (k, v) in table.as_object().into_iter().flatten() {
+                    out.insert(format!("{s}.{k}"), v.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What a reload changed: dotted keys a running agent applies, and those that need a restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub applied: Vec<String>,
+    pub need_restart: Vec<String>,
+}
+
+/// The keys whose value differs between `old` and `new`, split by [`LIVE_KEYS`].
+pub fn live_changes(old: &Config, new: &Config) -> Changes {
+    let old = old.entries();
+    let changed = new
+        .entries()
+        .into_iter()
+        .filter(|(k, v)| old.get(k) != Some(v));
+    let (applied, need_restart) = changed
+        .map(|(k, _)| k)
+        .partition(|k| LIVE_KEYS.contains(&k.as_str()));
+    Changes {
+        applied,
+        need_restart,
+    }
+}
+
+/// `old` with the [`LIVE_KEYS`] taken from `new`: what a running agent switches to on SIGHUP
+/// (every other key keeps its running value until a restart).
+pub fn with_live_keys(old: &Config, new: &Config) -> Config {
+    let (Ok(mut tree), Ok(fresh)) = (serde_json::to_value(old), serde_json::to_value(new)) else {
+        return old.clone();
+    };
+    for key in LIVE_KEYS {
+        if let Some((s, k)) = key.split_once('.') {
+            tree[s][k] = fresh[s][k].clone();
+        }
+    }
+    serde_json::from_value(tree).unwrap_or_else(|_| old.clone())
+}
+
+/// Where the configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    EmbeddedDefaults,
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "{}", p.display()),
+            Self::EmbeddedDefaults => write!(f, "embedded defaults (no file at {DEFAULT_PATH})"),
+        }
+    }
+}
+
+/// A loaded, validated configuration and its provenance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub config: Config,
+    pub source: ConfigSource,
+    /// Dotted keys that took their embedded default, sorted.
+    pub defaults_used: Vec<String>,
+}
+
+impl Loaded {
+    /// One line for the startup log: the source and the keys left at their defaults.
+    pub fn summary(&self) -> String {
+        let defaults = match self.defaults_used.len() {
+            0 => "no embedded defaults used".to_owned(),
+            n if n == self.config.entries().len() => "embedded defaults used for every key".into(),
+            _ => format!(
+                "embedded defaults used for: {}",
+                self.defaults_used.join(", ")
+            ),
+        };
+        format!("configuration from {}; {defaults}", self.source)
+    }
+
+    /// One `key = value` line per key that took its embedded default, for the startup log.
+    pub fn describe_defaults(&self) -> Vec<String> {
+        let entries = self.config.entries().into_iter();
+        let used = entries.filter(|(k, _)| self.defaults_used.contains(k));
+        used.map(|(k, v)| format!("{k} = {}", toml_value(&v)))
+            .collect()
+    }
+
+    /// The effective configuration as a TOML document (for `check-config`): a header naming the
+    /// source, then every key with its value, defaults marked. Loading it gives the same config.
+    pub fn render(&self) -> String {
+        // A path could hold a newline; keep the header one comment line.
+        let mut out = format!("# {}\n", self.summary().replace('\n', " "));
+        let mut current = "";
+        let entries = self.config.entries();
+        for (dotted, value) in &entries {
+            let (section, key) = dotted.split_once('.').unwrap_or_default();
+            if section != current {
+                out += &format!("\n[{section}]\n");
+                current = section;
+            }
+            let mark = ["", "  # default"][usize::from(self.defaults_used.contains(dotted))];
+            out += &match value {
+                Json::Null => format!("# {key} is not set{mark}\n"),
+                v => format!("{key} = {}{mark}\n", toml_value(v)),
+            };
+        }
+        out
+    }
+}
+
+/// A value in TOML syntax: JSON strings, numbers and arrays are TOML too, but TOML wants DEL
+/// escaped.
+fn toml_value(v: &Json) -> String {
+    match v {
+        Json::Null => "(not set)".to_owned(),
+        v => v.to_string().replace('\u{7f}', "\\u007f"),
+    }
+}
+
+/// The env var of a key: `ocserv.request_timeout` → `OCSERV_AGENT__OCSERV__REQUEST_TIMEOUT`.
+pub fn env_var_name(section: &str, key: &str) -> String {
+    let (s, k) = (section.to_uppercase(), key.to_uppercase());
+    format!("{ENV_PREFIX}{ENV_SEPARATOR}{s}{ENV_SEPARATOR}{k}")
+}
+
+/// Load from `path` (which must exist), or with `None` from [`DEFAULT_PATH`] when it exists and
+/// embedded defaults otherwise. Environment overrides from the process environment always apply.
+pub fn load(path: Option<&Path>) -> Result<Loaded, ConfigError> {
+    let mut env = Vec::new();
+    // Names that are not Unicode cannot carry our prefix in a form we could parse: skipped.
+    for (name, value) in std::env::vars_os() {
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => env.push((name, value)),
+            (Ok(name), Err(_)) if env_key(&name).is_some() => {
+                return fail(name, "value is not valid UTF-8")
+            }
+            _ => {}
+        }
+    }
+    load_with_env(path, &env)
+}
+
+/// [`load`] with an explicit environment instead of the process's (for tests and SIGHUP
+/// re-validation with a captured environment).
+pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Loaded, ConfigError> {
+    load_from(path, Path::new(DEFAULT_PATH), env)
+}
+
+/// The loader, with the default path as a parameter so tests do not depend on the machine's /etc.
+fn load_from(
+    path: Option<&Path>,
+    default: &Path,
+    env: &[(String, String)],
+) -> Result<Loaded, ConfigError> {
+    let defaults = Config::default().entries();
+    let overrides = env_overrides(env, &defaults)?;
+    // Only "exists" decides: an unreadable default file is an error, not a silent fallback.
+    let file = path.or_else(|| default.exists().then_some(default));
+    let mut builder = ::config::Config::builder();
+    if let Some(p) = file {
+        check_file(p)?;
+        let source = ::config::File::from(p).format(::config::FileFormat::Toml);
+        builder = builder.add_source(source.required(true));
+    }
+    for (dotted, (var, value)) in &overrides {
+        let set = builder.set_override(dotted, value.as_str());
+        builder = set.map_err(|e| ConfigError::new(var, e.to_string()))?;
+    }
+    let built = builder.build().map_err(|e| build_error(file, e))?;
+    let tree = ::config::Source::collect(&built).map_err(|e| build_error(file, e))?;
+    let mut tree: Map<String, Json> = tree.into_iter().map(|(k, v)| (k, to_json(v))).collect();
+    for (dotted, (_, raw)) in &overrides {
+        let (section, key) = dotted.split_once('.').unwrap_or_default();
+        if let Some(table) = tree.get_mut(section).and_then(Json::as_object_mut) {
+            table.insert(key.into(), coerce(raw, &defaults[dotted]));
+        }
+    }
+
+    let name = |key: String| overrides.get(&key).map_or(key, |(var, _)| var.clone());
+    let config: Config = serde_json::from_value(Json::Object(tree.clone())).map_err(|e| {
+        let (key, why) = culprit(&tree, &defaults).unwrap_or(("config".into(), e.to_string()));
+        ConfigError::new(name(key), why)
+    })?;
+    config
+        .validate()
+        .map_err(|e| ConfigError::new(name(e.key), e.reason))?;
+    let set = |dotted: &String| {
+        let (section, key) = dotted.split_once('.').unwrap_or_default();
+        tree.get(section)
+            .and_then(Json::as_object)
+            .is_some_and(|t| t.contains_key(key))
+    };
+    let defaults_used = defaults.into_keys().filter(|k| !set(k)).collect();
+    let source = file.map_or(ConfigSource::EmbeddedDefaults, |p| {
+        ConfigSource::File(p.into())
+    });
+    Ok(Loaded {
+        config,
+        source,
+        defaults_used,
+    })
+}
+
+fn check_file(p: &Path) -> Result<(), ConfigError> {
+    let key = p.display().to_string();
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => fail(key, "not a regular file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            fail(key, "configuration file not found")
+        }
+        Err(e) => fail(key, format!("cannot read: {e}")),
+    }
+}
+
+/// Errors of the `config` crate while loading: only the file can fail there (the overrides were
+/// checked before), so they are named by the file path.
+fn build_error(file: Option<&Path>, e: ::config::ConfigError) -> ConfigError {
+    let key = file.map_or_else(|| ENV_PREFIX.to_owned(), |p| p.display().to_string());
+    match e {
+        // The toml error text carries "line L, column C" and a caret snippet.
+        ::config::ConfigError::FileParse { cause, .. } => ConfigError::new(
+            key,
+            format!("malformed TOML: {}", cause.to_string().trim_end()),
+        ),
+        other => ConfigError::new(key, other.to_string()),
+    }
+}
+
+/// The part of an override's name after `OCSERV_AGENT__`, lowercased; `None` when not ours.
+/// Matched case-insensitively, like the config crate does.
+fn env_key(var: &str) -> Option<String> {
+    let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}").to_lowercase();
+    var.to_lowercase().strip_prefix(&prefix).map(str::to_owned)
+}
+
+/// Checked environment overrides: dotted key → (variable, value). The names are checked here:
+/// the `config` crate lowercases them and would silently ignore a misspelt one.
+type Overrides = BTreeMap<String, (String, String)>;
+
+fn env_overrides(
+    env: &[(String, String)],
+    keys: &BTreeMap<String, Json>,
+) -> Result<Overrides, ConfigError> {
+    let mut out = Overrides::new();
+    for (var, value) in env {
+        let Some(rest) = env_key(var) else { continue };
+        let Some((section, key)) = rest.split_once(ENV_SEPARATOR) else {
+            let form = env_var_name("<section>", "<key>");
+            return fail(var, format!("environment overrides are named {form}"));
+        };
+        let dotted = format!("{section}.{key}");
+        if let Some(why) = unknown(keys, &dotted) {
+            return fail(var, format!("{dotted}: {why}"));
+        }
+        if let Some((other, _)) = out.get(&dotted) {
+            return fail(var, format!("{dotted} is also set by {other}; set it once"));
+        }
+        out.insert(dotted, (var.clone(), value.clone()));
+    }
+    Ok(out)
+}
+
+/// Why `name` (a section, or `section.key`) names nothing, with what would have been known.
+fn unknown(keys: &BTreeMap<String, Json>, name: &str) -> Option<String> {
+    let all = || keys.keys().filter_map(|k| k.split_once('.'));
+    let section = name.split('.').next().unwrap_or_default();
+    let (what, mut known): (_, Vec<_>) = match all().any(|(s, _)| s == section) {
+        true if name.contains('.') && !keys.contains_key(name) => (
+            "key",
+            all()
+                .filter(|(s, _)| *s == section)
+                .map(|(_, k)| k)
+                .collect(),
+        ),
+        true => return None,
+        false => ("section", all().map(|(s, _)| s).collect()),
+    };
+    known.dedup();
+    Some(format!(
+        "unknown {what} (expected one of: {})",
+        known.join(", ")
+    ))
+}
+
+/// A `config` crate value as JSON, keeping its type.
+fn to_json(v: ::config::Value) -> Json {
+    use ::config::ValueKind as K;
+    match v.kind {
+        K::Nil => Json::Null,
+        K::Boolean(b) => b.into(),
+        K::I64(i) => i.into(),
+        K::U64(u) => u.into(),
+        K::I128(i) => i64::try_from(i).map_or_else(|_| i.to_string().into(), Json::from),
+        K::U128(u) => u64::try_from(u).map_or_else(|_| u.to_string().into(), Json::from),
+        // TOML allows nan and inf, JSON does not: kept as a string, refused by type later.
+        K::Float(f) => serde_json::Number::from_f64(f).map_or(f.to_string().into(), Json::Number),
+        K::String(s) => s.into(),
+        K::Table(t) => Json::Object(t.into_iter().map(|(k, v)| (k, to_json(v))).collect()),
+        K::Array(a) => a.into_iter().map(to_json).collect(),
+    }
+}
+
+/// An environment value typed like the key's default: numbers and booleans parsed, lists split
+/// on commas; anything unparsable stays a string, for deserialization to refuse by name.
+fn coerce(raw: &str, default: &Json) -> Json {
+    match default {
+        Json::Array(_) if raw.trim().is_empty() => Json::Array(Vec::new()),
+        Json::Array(items) => {
+            let item = items.first().unwrap_or(&Json::Null);
+            raw.split(',').map(|s| coerce(s.trim(), item)).collect()
+        }
+        Json::Bool(_) | Json::Number(_) => match serde_json::from_str(&raw.to_lowercase()) {
+            Ok(v @ (Json::Bool(_) | Json::Number(_))) => v,
+            _ => raw.into(),
+        },
+        _ => raw.into(),
+    }
+}
+
+/// The first (sorted) section or key whose value alone fails to deserialize, and why.
+fn culprit(tree: &Map<String, Json>, keys: &BTreeMap<String, Json>) -> Option<(String, String)> {
+    let alone =
+        |name: &str, value: &Json| Json::Object(Map::from_iter([(name.into(), value.clone())]));
+    let fails = |section: &str, v: &Json| serde_json::from_value::<Config>(alone(section, v)).err();
+    for (section, value) in tree {
+        if let Some(why) = unknown(keys, section) {
+            return Some((section.clone(), why));
+        }
+        let Json::Object(table) = value else {
+            return fails(section, value).map(|e| (section.clone(), reason(&e, value)));
+        };
+        for (key, v) in table {
+            if let Some(e) = fails(section, &alone(key, v)) {
+                let dotted = format!("{section}.{key}");
+                let why = unknown(keys, &dotted).unwrap_or_else(|| reason(&e, v));
+                return Some((dotted, why));
+            }
+        }
+    }
+    None
+}
+
+/// serde's "invalid type: X, expected Y" as "expected Y, got X", in the operator's words.
+fn reason(e: &serde_json::Error, got: &Json) -> String {
+    let got = match got {
+        Json::Null => "nothing".to_owned(),
+        Json::Bool(b) => format!("boolean {b}"),
+        Json::Number(n) if n.is_f64() => format!("float {n}"),
+        Json::Number(n) => format!("integer {n}"),
+        Json::String(s) if s.chars().count() > 80 => {
+            format!("string {:?}...", s.chars().take(80).collect::<String>())
+        }
+        Json::String(s) => format!("string {s:?}"),
+        Json::Array(_) => "an array".to_owned(),
+        Json::Object(_) => "a table".to_owned(),
+    };
+    let msg = e.to_string();
+    let expected = match msg.split_once(", expected ") {
+        Some((head, list)) if head.starts_with("unknown variant") => {
+            let list = list.trim_start_matches("one of ").replace("` or `", ", ");
+            format!("one of: {}", list.replace('`', ""))
+        }
+        Some((_, "a duration")) => "a duration like \"2s\" or \"250ms\"".to_owned(),
+        Some((_, "usize" | "u32" | "u64")) => "a whole number".to_owned(),
+        Some((_, "path string")) => "an absolute path".to_owned(),
+        Some((_, what)) if what.starts_with("struct ") => "a table".to_owned(),
+        Some((_, what)) => what.to_owned(),
+        None => return format!("{msg}, got {got}"),
+    };
+    format!("expected {expected}, got {got}")
+}
+
+/// `key` must be an absolute path without NUL bytes.
+fn absolute(key: &str, p: &Path) -> Result<(), ConfigError> {
+    if !p.is_absolute() {
+        return fail(
+            key,
+            format!(
+                "must be an absolute path, got {:?}",
+                p.display().to_string()
+            ),
+        );
+    }
+    match p.as_os_str().as_encoded_bytes().contains(&0) {
+        true => fail(key, "must not contain a NUL byte"),
+        false => Ok(()),
+    }
+}
+
+/// `key` must lie in `range`, all three shown by `show`.
+fn within<T: PartialOrd + Copy, D: fmt::Display>(
+    key: &str,
+    v: T,
+    range: RangeInclusive<T>,
+    show: fn(T) -> D,
+) -> Result<(), ConfigError> {
+    let (lo, hi) = (show(*range.start()), show(*range.end()));
+    match range.contains(&v) {
+        true => Ok(()),
+        false => fail(
+            key,
+            format!("must be between {lo} and {hi}, got {}", show(v)),
+        ),
+    }
+}
+
+fn number<T: PartialOrd + Copy + fmt::Display>(
+    key: &str,
+    v: T,
+    range: RangeInclusive<T>,
+) -> Result<(), ConfigError> {
+    within(key, v, range, |n| n)
+}
+
+fn duration(key: &str, v: Duration, range: RangeInclusive<Duration>) -> Result<(), ConfigError> {
+    within(key, v, range, humantime::format_duration)
+}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
