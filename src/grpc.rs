@@ -228,7 +228,7 @@ impl VpnAgent {
                     .iter()
                     .map(|s| {
                         let fresh = (!s.device.is_empty())
-                            .then(|| counters::read(&s.device, s.id))
+                            .then(|| counters::read(&s.device, s.id, s.connected_at))
                             .flatten();
                         vpn_session(s, fresh.or(s.counters))
                     })
