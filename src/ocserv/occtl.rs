@@ -27,9 +27,9 @@
 //! `disconnect id ID` (two runs of occtl: a PID recycled in the moment between them is not
 //! caught; occtl 1.1.6 has no `terminate`).
 //!
-//! Work off the async workers: output larger than [`super::INLINE_DECODE_LIMIT`] is parsed and
-//! mapped to sessions on the blocking pool; a timed-out occtl is killed and reaped before the
-//! call returns.
+//! Work off the async workers: output larger than [`super::INLINE_DECODE_LIMIT`] is parsed (and
+//! mapped to sessions) on the blocking pool, whatever the command; a timed-out occtl is killed
+//! and reaped before the call returns.
 //!
 //! Limits of occtl 1.1.6 compared with the native backend: UTF-8 names come back mangled
 //! ([`occtl_json::OcctlSession::name_mangled`]); there is no `terminate` command, so
@@ -188,6 +188,16 @@ fn check_sid(sid: &str) -> CtlResult<()> {
         field: e.field,
         reason: e.reason,
     })
+}
+
+/// Parses occtl's stdout with `parse`, on the blocking pool when it is large
+/// ([`super::off_worker`]).
+async fn parse_output<T: Send + 'static>(
+    label: &'static str,
+    stdout: Vec<u8>,
+    parse: impl FnOnce(&[u8]) -> CtlResult<T> + Send + 'static,
+) -> CtlResult<T> {
+    off_worker(label, stdout.len(), move || parse(&stdout)).await
 }
 
 /// stderr without the tun-counter warnings occtl prints outside ocserv's namespace.
@@ -357,8 +367,8 @@ impl OcctlBackend {
         stdout: Vec<u8>,
     ) -> CtlResult<Vec<OcctlSession>> {
         let (now, hint) = (now_secs(), self.offset_hint());
-        let list = off_worker(label, stdout.len(), move || {
-            occtl_json::sessions(&stdout, label, now, hint)
+        let list = parse_output(label, stdout, move |out| {
+            occtl_json::sessions(out, label, now, hint)
         })
         .await?;
         self.learn_offset(list.utc_offset);
@@ -396,7 +406,7 @@ impl OcctlBackend {
     pub async fn iroutes(&self) -> CtlResult<Extracted<UserIroutes>> {
         const L: &str = "show iroutes";
         let run = self.json(L, &["show", "iroutes"], &[]).await?;
-        occtl_json::iroutes(&run.stdout, L)
+        parse_output(L, run.stdout, |out| occtl_json::iroutes(out, L)).await
     }
 
     /// `show sessions all|valid`: the cookies sec-mod holds, with occtl's state text.
@@ -406,7 +416,11 @@ impl OcctlBackend {
             CookieFilter::Valid => ("show sessions valid", "valid"),
         };
         let run = self.json(label, &["show", "sessions", word], &[]).await?;
-        occtl_json::cookies(&run.stdout, label, self.offset_hint())
+        let hint = self.offset_hint();
+        parse_output(label, run.stdout, move |out| {
+            occtl_json::cookies(out, label, hint)
+        })
+        .await
     }
 
     /// `show session SID` (the full 28-character id; a prefix finds nothing).
@@ -417,14 +431,17 @@ impl OcctlBackend {
         if run.code == Some(2) {
             return Ok(Extracted::default());
         }
-        occtl_json::cookies(&run.stdout, L, self.offset_hint())
+        let hint = self.offset_hint();
+        parse_output(L, run.stdout, move |out| occtl_json::cookies(out, L, hint)).await
     }
 
     /// `show ip ban points`: every address with a score, banned or not.
     pub async fn ban_points(&self) -> CtlResult<Vec<Ban>> {
         const L: &str = "show ip ban points";
         let run = self.json(L, &["show", "ip", "ban", "points"], &[]).await?;
-        Ok(occtl_json::bans(&run.stdout, L)?.items)
+        Ok(parse_output(L, run.stdout, |out| occtl_json::bans(out, L))
+            .await?
+            .items)
     }
 
     /// `stop now`: asks ocserv to shut down (every session ends).
@@ -508,7 +525,11 @@ impl OcctlBackend {
         if run.stdout.iter().all(u8::is_ascii_whitespace) {
             return Err(self.failure(L, &run));
         }
-        let events = occtl_json::events(&run.stdout, L, now_secs(), self.offset_hint())?;
+        let (now, hint) = (now_secs(), self.offset_hint());
+        let events = parse_output(L, run.stdout, move |out| {
+            occtl_json::events(out, L, now, hint)
+        })
+        .await?;
         self.learn_offset(events.initial.utc_offset);
         Ok(events)
     }
@@ -531,17 +552,20 @@ impl OcctlBackend {
         if !benign {
             return Err(self.failure(label, &run));
         }
-        let Documents { values, text } =
-            occtl_json::parse_documents(&run.stdout).map_err(|e| CtlError::Protocol {
+        let stderr = clean_stderr(&run.stderr);
+        let Documents { values, text } = parse_output(label, run.stdout, move |out| {
+            occtl_json::parse_documents(out).map_err(|e| CtlError::Protocol {
                 command: label,
                 reason: format!("unparsable occtl output {e}"),
-            })?;
+            })
+        })
+        .await?;
         Ok(OcctlOutput {
             args: argv,
             exit_code: run.code,
             documents: values,
             text,
-            stderr: clean_stderr(&run.stderr),
+            stderr,
         })
     }
 }
@@ -639,7 +663,7 @@ async fn fill_counters(sessions: Vec<OcctlSession>) -> Vec<OcctlSession> {
             let latest = if at == 0 || s.connected_at_exact {
                 at
             } else {
-                at + 59
+                at.saturating_add(59)
             };
             if let Some(c) = counters::read(&s.session.device, s.session.id, latest) {
                 s.session.counters = Some(c);
@@ -655,7 +679,7 @@ impl OcservBackend for OcctlBackend {
     async fn status(&self) -> CtlResult<ServerStatus> {
         const L: &str = "show status";
         let run = self.json(L, &["show", "status"], &[]).await?;
-        occtl_json::status(&run.stdout, L)
+        parse_output(L, run.stdout, |out| occtl_json::status(out, L)).await
     }
 
     async fn list(&self) -> CtlResult<Vec<Session>> {
@@ -733,7 +757,9 @@ impl OcservBackend for OcctlBackend {
     async fn list_banned(&self) -> CtlResult<Vec<Ban>> {
         const L: &str = "show ip bans";
         let run = self.json(L, &["show", "ip", "bans"], &[]).await?;
-        Ok(occtl_json::bans(&run.stdout, L)?.items)
+        Ok(parse_output(L, run.stdout, |out| occtl_json::bans(out, L))
+            .await?
+            .items)
     }
 
     async fn unban_ip(&self, ip: IpAddr) -> CtlResult<DisconnectOutcome> {
