@@ -3,7 +3,8 @@
 # Debian/Ubuntu, as root. Idempotent: does nothing when everything is present.
 set -euo pipefail
 
-packages=(ocserv openconnect iptables gnutls-bin iproute2 iputils-ping curl)
+# g++: libfuzzer-sys compiles libFuzzer (C++) for the fuzz targets (scripts/fuzz-smoke.sh).
+packages=(ocserv openconnect iptables gnutls-bin iproute2 iputils-ping curl g++)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,4 +27,8 @@ fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "install-deps: installing cargo-nextest" >&2
   cargo install --locked cargo-nextest
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "install-deps: installing cargo-fuzz" >&2
+  cargo install --locked cargo-fuzz
 fi

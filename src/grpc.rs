@@ -352,7 +352,7 @@ impl VpnAgent {
                     // Fresh counters from the session's own device, read here rather than in
                     // the registry so a large query never holds up its mailbox.
                     let fresh = include_stats
-                        .then(|| counters::read(&s.device, s.id))
+                        .then(|| counters::read(&s.device, s.id, s.connected_at))
                         .flatten();
                     vpn_session(s, fresh.or(s.counters).filter(|_| include_stats))
                 })

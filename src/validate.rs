@@ -2,6 +2,9 @@
 //!
 //! A name is refused when it is empty, too long, contains `/`, NUL, a control character or a
 //! newline, or starts with `-` or `.`. The error names the field and the reason.
+//!
+//! A session id (`safe_id`, occtl's "Full session") has one rule too, [`safe_id`], used by both
+//! backends before an id becomes a control-socket request or an occtl argument.
 
 /// Longest accepted user or group name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
@@ -38,6 +41,40 @@ pub fn name(field: &'static str, value: &str) -> Result<(), NameError> {
 /// Checks a username.
 pub fn username(value: &str) -> Result<(), NameError> {
     name("username", value)
+}
+
+/// Longest accepted session id, in bytes (ocserv's are 28).
+pub const MAX_SAFE_ID_LEN: usize = 64;
+
+/// Checks a session id (`safe_id`): 1 to [`MAX_SAFE_ID_LEN`] bytes, each from the standard
+/// base64 alphabet `A-Z a-z 0-9 + / =`.
+///
+/// ocserv's ids are 28 characters of standard base64 (20 random bytes); the bound leaves room
+/// for longer ids without letting a caller send arbitrary text. Nothing else is accepted: no
+/// URL-safe `-`/`_` (ocserv never makes them), no whitespace (occtl re-splits its command line),
+/// no NUL (ocserv appends its own). The field in the error is `"safe_id"`.
+pub fn safe_id(value: &str) -> Result<(), NameError> {
+    let err = |reason: String| {
+        Err(NameError {
+            field: "safe_id",
+            reason,
+        })
+    };
+    if value.is_empty() || value.len() > MAX_SAFE_ID_LEN {
+        return err(format!(
+            "must be 1 to {MAX_SAFE_ID_LEN} base64 characters, got {} bytes",
+            value.len()
+        ));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '=')))
+    {
+        return err(format!(
+            "must contain only base64 characters (A-Z a-z 0-9 + / =), found {c:?}"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -79,7 +116,92 @@ mod tests {
         assert!(username(&"x".repeat(MAX_NAME_LEN)).is_ok());
     }
 
+    #[test]
+    fn safe_id_is_base64_of_bounded_length() {
+        for ok in [
+            "AbCdEfGhIjKlMnOpQrStUvWxYz0=",
+            "GDnAGg6Vqa8411Hw9xjkUEGvwSg=",
+            "a+/=",
+            "x",
+        ] {
+            assert_eq!(safe_id(ok), Ok(()), "{ok}");
+        }
+        assert!(safe_id(&"A".repeat(MAX_SAFE_ID_LEN)).is_ok());
+        for bad in ["", "a b", "a-b", "a_b", "ab\0", "ab\n", "../x", "é"] {
+            let e = safe_id(bad).unwrap_err();
+            assert_eq!(e.field, "safe_id", "{bad:?}");
+        }
+        let e = safe_id(&"A".repeat(MAX_SAFE_ID_LEN + 1)).unwrap_err();
+        assert!(e.reason.contains("65 bytes"), "{}", e.reason);
+    }
+
+    /// A character no name may contain: C0 controls (NUL and newline among them), DEL, C1
+    /// controls, or `/`.
+    fn forbidden_char() -> impl Strategy<Value = char> {
+        prop_oneof![
+            (0u32..0x20).prop_map(|c| char::from_u32(c).unwrap()),
+            Just('\u{7f}'),
+            (0x80u32..0xa0).prop_map(|c| char::from_u32(c).unwrap()),
+            Just('/'),
+            Just('\0'),
+            Just('\n'),
+        ]
+    }
+
     proptest! {
+        /// Any name with a forbidden character anywhere is refused, naming that character.
+        #[test]
+        fn names_with_control_chars_slash_or_nul_are_refused(
+            before in "\\PC{0,40}",
+            bad in forbidden_char(),
+            after in "\\PC{0,40}",
+        ) {
+            let s = format!("{before}{bad}{after}");
+            let e = username(&s).unwrap_err();
+            prop_assert_eq!(e.field, "username");
+            // Unless the name was refused for its start or length first, the reason names a
+            // forbidden character.
+            if !s.starts_with(['-', '.']) && s.len() <= MAX_NAME_LEN {
+                prop_assert!(e.reason.contains("must not contain"), "{:?}: {}", s, e.reason);
+            }
+        }
+
+        /// A leading `-` or `.` is refused whatever follows.
+        #[test]
+        fn names_starting_with_dash_or_dot_are_refused(
+            lead in prop_oneof![Just('-'), Just('.')],
+            rest in "\\PC{0,60}",
+        ) {
+            let s = format!("{lead}{rest}");
+            let e = username(&s).unwrap_err();
+            // Unless refused for its length first, the reason is the start.
+            if s.len() <= MAX_NAME_LEN {
+                prop_assert!(e.reason.contains("start"), "{:?}: {}", s, e.reason);
+            }
+        }
+
+        /// Ordinary names, ASCII or any printable Unicode (letters of every script, emoji,
+        /// spaces inside), are accepted when they start with neither `-` nor `.`.
+        #[test]
+        fn ordinary_and_utf8_names_are_accepted(
+            first in "[\\p{L}\\p{N}_@]",
+            rest in "[\\p{L}\\p{N}\\p{M}\\p{S}\\p{P} ]{0,30}",
+        ) {
+            let s = format!("{first}{rest}");
+            prop_assume!(!s.contains('/') && s.len() <= MAX_NAME_LEN);
+            prop_assert_eq!(username(&s), Ok(()), "{:?}", s);
+            prop_assert_eq!(name("groupname", &s), Ok(()), "{:?}", s);
+        }
+
+        /// Exactly the base64 alphabet at a bounded length passes the session id rule.
+        #[test]
+        fn safe_id_accepts_exactly_bounded_base64(s in "\\PC{0,80}|[A-Za-z0-9+/=]{0,80}") {
+            let expected = !s.is_empty()
+                && s.len() <= MAX_SAFE_ID_LEN
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+            prop_assert_eq!(safe_id(&s).is_ok(), expected, "{:?}", s);
+        }
+
         #[test]
         fn accepted_names_are_safe_path_components(s in "\\PC{0,200}") {
             if username(&s).is_ok() {

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use ocserv_agent::ocserv::fake::{Act, FakeOcserv};
 use ocserv_agent::ocserv::OcservBackend;
 use support::agent;
 
@@ -182,16 +183,8 @@ fn unreachable_ocserv_socket_is_reported_not_fatal() {
 async fn missing_occtl_and_socket_garbage_are_named() {
     let dir = tempfile::tempdir().unwrap();
     // A control socket that answers every request with garbage.
-    let sock = dir.path().join("garbage.socket");
-    let listener = tokio::net::UnixListener::bind(&sock).unwrap();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        while let Ok((mut s, _)) = listener.accept().await {
-            let mut buf = [0u8; 512];
-            let _ = s.read(&mut buf).await;
-            let _ = s.write_all(&[0xff, 0x10, 0, 0, 0, 1, 2, 3]).await;
-        }
-    });
+    let garbage = FakeOcserv::start(|_, _| Act::raw(vec![0xff, 0x10, 0, 0, 0, 1, 2, 3]));
+    let sock = garbage.socket().to_path_buf();
     let mut cfg = ocserv_agent::config::load_with_env(None, &[])
         .unwrap()
         .config;

@@ -7,14 +7,15 @@
 //! Timing: samples are wall-clock [`Duration`]s; [`Summary`] reports min, median, p99 and max by
 //! the nearest-rank method (p99 of 200 samples is the 198th smallest), plus the mean.
 //!
-//! Fake ocserv ([`FakeOcserv`]): a Unix socket in its own temp dir, served on a dedicated OS
-//! thread with its own single-threaded tokio runtime, so it never competes with the agent's
-//! runtime for worker slots (it does share the machine's two cores). Requests are read with the
-//! agent's own [`codec::FrameDecoder`]; replies are framed with [`codec::encode_frame`] from the
-//! prost types of `ocserv_ctl`. It answers STATUS, LIST, USER_INFO, ID_INFO, DISCONNECT_*,
-//! TERMINATE_*, LIST_BANNED, UNBAN_IP, RELOAD and LIST_COOKIES, and closes the connection on any
-//! other command, as ocserv 1.1.6 does with commands it does not know. The LIST reply is encoded
-//! once per session set, so the fake's own cost stays out of the agent's figures.
+//! Fake ocserv ([`FakeOcserv`]): the library's shared fake control socket
+//! (`ocserv_agent::ocserv::fake`, in its session-table mode) serving [`fake_session`]s. A Unix
+//! socket in its own temp dir, served on a dedicated OS thread with its own single-threaded tokio
+//! runtime, so it never competes with the agent's runtime for worker slots (it does share the
+//! machine's two cores). It speaks ocserv's real framing, answers STATUS, LIST, USER_INFO,
+//! ID_INFO, DISCONNECT_*, TERMINATE_USER/ID, LIST_BANNED, UNBAN_IP, RELOAD and LIST_COOKIES, and
+//! closes the connection on any other command, as ocserv 1.1.6 does with commands it does not
+//! know. The LIST reply is encoded once per session set, so the fake's own cost stays out of the
+//! agent's figures.
 //!
 //! Failure behaviour: set-up failures panic with a message naming what failed (a benchmark that
 //! cannot set up has nothing to measure); the fake answers malformed requests by closing.
@@ -27,13 +28,10 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use ocserv_agent::ocserv::codec;
+use ocserv_agent::ocserv::fake;
 use ocserv_agent::proto::ocserv_ctl as pb;
-use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 // ---------------------------------------------------------------------------------------------
 // Harness
@@ -248,203 +246,36 @@ pub fn fake_session(i: usize, devices: Devices) -> pb::UserInfoRep {
     }
 }
 
-struct Catalog {
-    users: Arc<Vec<pb::UserInfoRep>>,
-    /// The whole LIST reply frame, encoded once.
-    list_frame: Arc<Vec<u8>>,
-}
-
-fn catalog(n: usize, devices: Devices) -> Catalog {
-    let users: Vec<_> = (0..n).map(|i| fake_session(i, devices)).collect();
-    let body = pb::UserListRep {
-        user: users.clone(),
-    }
-    .encode_to_vec();
-    Catalog {
-        users: Arc::new(users),
-        list_frame: Arc::new(codec::encode_frame(104, &body)),
-    }
-}
-
-/// A fake ocserv control socket. See the module docs.
+/// A fake ocserv control socket: the library's shared fake ([`fake::FakeOcserv`]) serving
+/// [`fake_session`]s. See the module docs.
 pub struct FakeOcserv {
     pub socket: PathBuf,
-    catalog: Arc<RwLock<Catalog>>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    _dir: tempfile::TempDir,
+    inner: fake::FakeOcserv,
+}
+
+fn sessions(n: usize, devices: Devices) -> Vec<pb::UserInfoRep> {
+    (0..n).map(|i| fake_session(i, devices)).collect()
 }
 
 impl FakeOcserv {
     /// Starts serving `n` sessions; returns once the socket accepts.
     pub fn start(n: usize, devices: Devices) -> FakeOcserv {
-        let dir = tempfile::tempdir().expect("fake ocserv: creating its temp dir");
-        let socket = dir.path().join("occtl.socket");
-        let catalog = Arc::new(RwLock::new(catalog(n, devices)));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
-        let (path, cat) = (socket.clone(), catalog.clone());
-        let thread = std::thread::Builder::new()
-            .name("fake-ocserv".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("fake ocserv: building its runtime");
-                rt.block_on(async move {
-                    let listener = tokio::net::UnixListener::bind(&path)
-                        .expect("fake ocserv: binding the control socket");
-                    let _ = ready_tx.send(());
-                    let accept = async {
-                        while let Ok((conn, _)) = listener.accept().await {
-                            tokio::spawn(serve(conn, cat.clone()));
-                        }
-                    };
-                    tokio::select! {
-                        _ = accept => {}
-                        _ = stop_rx => {}
-                    }
-                });
-            })
-            .expect("fake ocserv: spawning its thread");
-        ready_rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("fake ocserv: socket bound");
+        let inner = fake::FakeOcserv::with_sessions(sessions(n, devices));
         FakeOcserv {
-            socket,
-            catalog,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-            _dir: dir,
+            socket: inner.socket().to_path_buf(),
+            inner,
         }
     }
 
     /// Replaces the session set (the next LIST sees it).
     pub fn set_sessions(&self, n: usize, devices: Devices) {
-        let c = catalog(n, devices);
-        *self.catalog.write().expect("fake ocserv catalog lock") = c;
+        self.inner.set_sessions(sessions(n, devices));
     }
 
     /// Bytes of the current LIST reply frame.
     pub fn list_reply_len(&self) -> usize {
-        self.catalog
-            .read()
-            .expect("fake ocserv catalog lock")
-            .list_frame
-            .len()
+        self.inner.list_reply_len()
     }
-}
-
-impl Drop for FakeOcserv {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn bool_frame(code: u8, status: bool) -> Vec<u8> {
-    codec::encode_frame(
-        code,
-        &pb::BoolMsg {
-            status: Some(status),
-        }
-        .encode_to_vec(),
-    )
-}
-
-fn list_frame(users: impl Iterator<Item = pb::UserInfoRep>) -> Vec<u8> {
-    codec::encode_frame(
-        104,
-        &pb::UserListRep {
-            user: users.collect(),
-        }
-        .encode_to_vec(),
-    )
-}
-
-/// One connection: one request frame, one reply (or a close), as ocserv does.
-async fn serve(mut conn: tokio::net::UnixStream, catalog: Arc<RwLock<Catalog>>) {
-    let mut decoder = codec::FrameDecoder::with_max_body(codec::MAX_REQUEST_BODY);
-    let mut chunk = [0u8; 512];
-    let frame = loop {
-        match decoder.next_frame() {
-            Ok(Some(f)) => break f,
-            Ok(None) => {}
-            Err(_) => return,
-        }
-        match conn.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => decoder.push(&chunk[..n]),
-        }
-    };
-    let (users, list) = {
-        let c = catalog.read().expect("fake ocserv catalog lock");
-        (c.users.clone(), c.list_frame.clone())
-    };
-    let by_name = |body: &[u8]| {
-        pb::UsernameReq::decode(body)
-            .ok()
-            .and_then(|r| r.username)
-            .unwrap_or_default()
-    };
-    let by_id = |body: &[u8]| pb::IdReq::decode(body).ok().and_then(|r| r.id);
-    let reply: Vec<u8> = match frame.code {
-        1 => codec::encode_frame(
-            101,
-            &pb::StatusRep {
-                status: Some(true),
-                pid: Some(4242),
-                sec_mod_pids: vec![4243],
-                active_clients: Some(users.len() as u32),
-                start_time: Some(1_700_000_000),
-                ..Default::default()
-            }
-            .encode_to_vec(),
-        ),
-        4 => {
-            let _ = conn.write_all(&list).await;
-            return;
-        }
-        5 => {
-            let name = by_name(&frame.body);
-            list_frame(
-                users
-                    .iter()
-                    .filter(|u| u.username.as_deref() == Some(name.as_bytes()))
-                    .cloned(),
-            )
-        }
-        6 => {
-            let id = by_id(&frame.body);
-            list_frame(users.iter().filter(|u| u.id == id).take(1).cloned())
-        }
-        7 | 13 => {
-            let name = by_name(&frame.body);
-            let found = users
-                .iter()
-                .any(|u| u.username.as_deref() == Some(name.as_bytes()));
-            bool_frame(if frame.code == 7 { 105 } else { 111 }, found)
-        }
-        8 | 14 => {
-            let id = by_id(&frame.body);
-            let found = users.iter().any(|u| u.id == id);
-            bool_frame(if frame.code == 8 { 106 } else { 112 }, found)
-        }
-        2 => bool_frame(102, true),
-        9 => codec::encode_frame(108, &pb::BanListRep { info: vec![] }.encode_to_vec()),
-        10 => bool_frame(107, false),
-        12 => codec::encode_frame(
-            110,
-            &pb::SecmListCookiesReplyMsg { cookies: vec![] }.encode_to_vec(),
-        ),
-        // Unknown to ocserv 1.1.6: closed without a reply.
-        _ => return,
-    };
-    let _ = conn.write_all(&reply).await;
 }
 
 // ---------------------------------------------------------------------------------------------

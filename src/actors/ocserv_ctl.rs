@@ -171,10 +171,7 @@ impl Actor for OcservCtl {
                 )
             }
             CtlMsg::DisconnectSession(k, r) => dispatch(m, "disconnect_session", r, async move {
-                match b.id_info(k.id).await? {
-                    Some(s) if k.matches(&s) => b.disconnect_id(k.id).await,
-                    _ => Ok(crate::ocserv::DisconnectOutcome::NotFound),
-                }
+                b.disconnect_session(&k).await
             }),
             CtlMsg::ListBanned(r) => {
                 dispatch(m, "list_banned", r, async move { b.list_banned().await })

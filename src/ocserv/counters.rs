@@ -1,17 +1,25 @@
 //! Per-session byte counters, read from the session's tun device (the control protocol has none).
 //!
-//! Inputs: the device name from ocserv (`vpns0`, ...) and the worker's PID (the session `ID`).
-//! Output: [`ByteCounters`] where `bytes_in` is the tun's rx (what the client uploaded) and
-//! `bytes_out` its tx.
+//! Inputs: the device name from ocserv (`vpns0`, ...), the worker's PID (the session `ID`) and
+//! the session's connect time. Output: [`ByteCounters`] where `bytes_in` is the tun's rx (what
+//! the client uploaded) and `bytes_out` its tx.
 //!
 //! Where: first `/sys/class/net/<device>/statistics/{rx,tx}_bytes`, which shows devices of the
 //! agent's own network namespace. When the device is not there (ocserv runs in another namespace,
 //! as in the test lab), `/proc/<worker_pid>/net/dev`, which the kernel renders for the network
 //! namespace of that process, i.e. ocserv's.
 //!
+//! Identity: ocserv's IDs are PIDs and get recycled, so the process that holds the PID now may
+//! not be the session's worker (it may be anything, in any namespace, with its own device of the
+//! same name). Before `/proc/<pid>/net/dev` is read, the process's start time (field 22 of
+//! `/proc/<pid>/stat`, clock ticks since boot, plus `btime` from `/proc/stat`) must be no later
+//! than the session's connect time plus [`START_SLACK_SECS`]: the worker is forked before its
+//! session connects, a process that took over the PID afterwards started later. A connect time
+//! of 0 (unknown) cannot be checked, so the fallback is not used.
+//!
 //! Failure behaviour: `None` whenever the counters cannot be read (device name refused, device
-//! gone, worker exited, unparsable file). Never panics; callers treat `None` as "unknown".
-//! The device name is validated before it becomes part of a path.
+//! gone, worker exited, process younger than the session, unparsable file). Never panics; callers
+//! treat `None` as "unknown". The device name is validated before it becomes part of a path.
 
 use std::path::Path;
 
@@ -31,22 +39,42 @@ pub fn valid_device(device: &str) -> bool {
         && !device.bytes().all(|b| b == b'.')
 }
 
-/// Reads the counters of `device`, trying our namespace first, then the worker's.
-pub fn read(device: &str, worker_pid: u32) -> Option<ByteCounters> {
+/// How much later than the session's connect time (unix seconds) its worker may have started:
+/// covers the rounding of both clocks to whole seconds (the kernel's `btime` is truncated).
+pub const START_SLACK_SECS: u64 = 2;
+
+/// Reads the counters of `device`, trying our namespace first, then the worker's (only when the
+/// process holding `worker_pid` started no later than `connected_at`, unix seconds, plus
+/// [`START_SLACK_SECS`]; see the module docs).
+pub fn read(device: &str, worker_pid: u32, connected_at: u64) -> Option<ByteCounters> {
     read_from(
         Path::new("/sys/class/net"),
         Path::new("/proc"),
+        clock_ticks_per_sec()?,
         device,
         worker_pid,
+        connected_at,
     )
 }
 
-/// [`read`] with the sysfs and procfs roots given, so tests can point it at a tempdir.
+/// The kernel's `USER_HZ` (the unit of `/proc/<pid>/stat` times), `None` if unknown.
+pub fn clock_ticks_per_sec() -> Option<u64> {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .filter(|&t| t > 0)
+}
+
+/// [`read`] with the sysfs and procfs roots and the clock tick rate given, so tests can point it
+/// at a tempdir.
 pub fn read_from(
     sys_class_net: &Path,
     proc_root: &Path,
+    ticks_per_sec: u64,
     device: &str,
     worker_pid: u32,
+    connected_at: u64,
 ) -> Option<ByteCounters> {
     if !valid_device(device) {
         return None;
@@ -69,6 +97,9 @@ pub fn read_from(
     if worker_pid == 0 {
         return None;
     }
+    if !started_by(proc_root, ticks_per_sec, worker_pid, connected_at) {
+        return None;
+    }
     let text = std::fs::read_to_string(
         proc_root
             .join(worker_pid.to_string())
@@ -77,6 +108,47 @@ pub fn read_from(
     )
     .ok()?;
     parse_proc_net_dev(&text, device)
+}
+
+/// True when the process `pid` under `proc_root` started no later than `connected_at` (unix
+/// seconds) plus [`START_SLACK_SECS`]; false when that cannot be told (unknown connect time,
+/// process gone, unreadable files).
+pub fn started_by(proc_root: &Path, ticks_per_sec: u64, pid: u32, connected_at: u64) -> bool {
+    if connected_at == 0 {
+        return false;
+    }
+    process_start_time(proc_root, ticks_per_sec, pid)
+        .is_some_and(|start| start <= connected_at.saturating_add(START_SLACK_SECS))
+}
+
+/// When process `pid` started, in unix seconds (rounded down): `btime` of `/proc/stat` plus
+/// field 22 of `/proc/<pid>/stat` divided by `ticks_per_sec`.
+pub fn process_start_time(proc_root: &Path, ticks_per_sec: u64, pid: u32) -> Option<u64> {
+    if ticks_per_sec == 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    let ticks = parse_stat_start_ticks(&stat)?;
+    let btime = parse_btime(&std::fs::read_to_string(proc_root.join("stat")).ok()?)?;
+    btime.checked_add(ticks / ticks_per_sec)
+}
+
+/// Field 22 (`starttime`, clock ticks after boot) of a `/proc/<pid>/stat` line.
+///
+/// Field 2 is the command name in parentheses and may itself contain spaces and `)`, so the
+/// fields are counted after the **last** `)`: the first field there is field 3.
+pub fn parse_stat_start_ticks(text: &str) -> Option<u64> {
+    let (_, rest) = text.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// `btime` (boot time, unix seconds) from the text of `/proc/stat`.
+pub fn parse_btime(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Finds `device` in the text of `/proc/<pid>/net/dev` and returns its rx/tx byte counts.
@@ -105,6 +177,7 @@ pub fn parse_proc_net_dev(text: &str, device: &str) -> Option<ByteCounters> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::path::PathBuf;
 
     const SAMPLE: &str = "\
 Inter-|   Receive                                                |  Transmit
@@ -165,19 +238,49 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         }
     }
 
-    #[test]
-    fn reads_sysfs_first_then_proc() {
+    /// Boot time of the fake /proc tree.
+    const BTIME: u64 = 1_700_000_000;
+    const HZ: u64 = 100;
+
+    /// A `/proc/<pid>/stat` line whose process started `secs` after boot; the command name has
+    /// spaces and parentheses, as real ones can.
+    fn stat_line(pid: u32, secs: u64) -> String {
+        let ticks = secs * HZ;
+        format!(
+            "{pid} (ocserv-worker (x) y) S 1 1 1 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {ticks} \
+             12345678 200 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 17 1 0 0 0 0 0\n"
+        )
+    }
+
+    /// A fake /proc and /sys tree: `vpns0` in "our" namespace; `veth-srv` only in the net/dev
+    /// of processes 77 (started at BTIME+100) and 78 (started at BTIME+5000).
+    fn fake_tree() -> (tempfile::TempDir, PathBuf, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let sys = dir.path().join("sys");
         let proc_root = dir.path().join("proc");
         std::fs::create_dir_all(sys.join("vpns0/statistics")).unwrap();
         std::fs::write(sys.join("vpns0/statistics/rx_bytes"), "100\n").unwrap();
         std::fs::write(sys.join("vpns0/statistics/tx_bytes"), "200\n").unwrap();
-        std::fs::create_dir_all(proc_root.join("77/net")).unwrap();
-        std::fs::write(proc_root.join("77/net/dev"), SAMPLE).unwrap();
+        std::fs::create_dir_all(&proc_root).unwrap();
+        std::fs::write(
+            proc_root.join("stat"),
+            format!("cpu  1 2 3 4\nintr 5\nctxt 6\nbtime {BTIME}\nprocesses 7\n"),
+        )
+        .unwrap();
+        for (pid, secs) in [(77, 100), (78, 5000)] {
+            std::fs::create_dir_all(proc_root.join(format!("{pid}/net"))).unwrap();
+            std::fs::write(proc_root.join(format!("{pid}/net/dev")), SAMPLE).unwrap();
+            std::fs::write(proc_root.join(format!("{pid}/stat")), stat_line(pid, secs)).unwrap();
+        }
+        (dir, sys, proc_root)
+    }
 
+    #[test]
+    fn reads_sysfs_first_then_proc() {
+        let (_dir, sys, proc_root) = fake_tree();
+        let at = BTIME + 130;
         assert_eq!(
-            read_from(&sys, &proc_root, "vpns0", 77),
+            read_from(&sys, &proc_root, HZ, "vpns0", 77, at),
             Some(ByteCounters {
                 bytes_in: 100,
                 bytes_out: 200
@@ -185,23 +288,83 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         );
         // Not in "our" namespace: falls back to the worker's view.
         assert_eq!(
-            read_from(&sys, &proc_root, "veth-srv", 77),
+            read_from(&sys, &proc_root, HZ, "veth-srv", 77, at),
             Some(ByteCounters {
                 bytes_in: 12_345_678_901_234,
                 bytes_out: 42
             })
         );
-        assert_eq!(read_from(&sys, &proc_root, "veth-srv", 78), None);
-        assert_eq!(read_from(&sys, &proc_root, "veth-srv", 0), None);
+        assert_eq!(read_from(&sys, &proc_root, HZ, "veth-srv", 79, at), None);
+        assert_eq!(read_from(&sys, &proc_root, HZ, "veth-srv", 0, at), None);
         // A refused name is never looked up, even if such a path exists.
-        assert_eq!(read_from(&sys, &proc_root, "../sys/vpns0", 77), None);
+        assert_eq!(
+            read_from(&sys, &proc_root, HZ, "../sys/vpns0", 77, at),
+            None
+        );
     }
 
     #[test]
-    fn reads_loopback_of_this_process() {
-        // `lo` exists in every namespace; its counters must be readable through /proc too.
+    fn a_process_younger_than_the_session_is_never_read() {
+        let (_dir, sys, proc_root) = fake_tree();
+        // Session connected at BTIME+130: process 78 (started at BTIME+5000) holds a recycled
+        // PID, its net/dev is not the session's.
+        assert_eq!(
+            read_from(&sys, &proc_root, HZ, "veth-srv", 78, BTIME + 130),
+            None
+        );
+        // Process 77 started at BTIME+100: fine up to the slack, refused beyond it.
+        assert!(read_from(&sys, &proc_root, HZ, "veth-srv", 77, BTIME + 100).is_some());
+        assert!(read_from(&sys, &proc_root, HZ, "veth-srv", 77, BTIME + 98).is_some());
+        assert_eq!(
+            read_from(&sys, &proc_root, HZ, "veth-srv", 77, BTIME + 97),
+            None
+        );
+        // Unknown connect time or tick rate: cannot check, no counters from /proc.
+        assert_eq!(read_from(&sys, &proc_root, HZ, "veth-srv", 77, 0), None);
+        assert_eq!(
+            read_from(&sys, &proc_root, 0, "veth-srv", 77, BTIME + 130),
+            None
+        );
+        // The sysfs path needs no PID and is not affected.
+        assert!(read_from(&sys, &proc_root, HZ, "vpns0", 78, BTIME + 130).is_some());
+    }
+
+    #[test]
+    fn parses_stat_start_time_and_btime() {
+        assert_eq!(parse_stat_start_ticks(&stat_line(5, 123)), Some(123 * HZ));
+        assert_eq!(parse_stat_start_ticks("5 (a) S 1 2 3"), None);
+        assert_eq!(parse_stat_start_ticks("no parens at all"), None);
+        assert_eq!(parse_stat_start_ticks(""), None);
+        assert_eq!(parse_btime("cpu 1\nbtime 1234\n"), Some(1234));
+        assert_eq!(parse_btime("cpu 1\nbtimex 1\n"), None);
+        assert_eq!(parse_btime("btime soon\n"), None);
+        let (_dir, _sys, proc_root) = fake_tree();
+        assert_eq!(process_start_time(&proc_root, HZ, 77), Some(BTIME + 100));
+        assert_eq!(process_start_time(&proc_root, HZ, 79), None);
+    }
+
+    #[test]
+    fn this_process_is_checked_against_the_real_proc() {
         let pid = std::process::id();
-        assert!(read_from(Path::new("/nonexistent"), Path::new("/proc"), "lo", pid).is_some());
+        let hz = clock_ticks_per_sec().expect("CLK_TCK");
+        let start = process_start_time(Path::new("/proc"), hz, pid).expect("own start time");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(
+            start <= now + 1 && start + 24 * 3600 > now,
+            "{start} vs {now}"
+        );
+        // `lo` exists in every namespace: readable through /proc for a session that connected
+        // after this process started, refused for one that "connected" long before.
+        let nowhere = Path::new("/nonexistent");
+        let proc_root = Path::new("/proc");
+        assert!(read_from(nowhere, proc_root, hz, "lo", pid, now).is_some());
+        assert_eq!(
+            read_from(nowhere, proc_root, hz, "lo", pid, start - 60),
+            None
+        );
     }
 
     proptest! {

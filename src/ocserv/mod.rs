@@ -6,6 +6,8 @@
 
 pub mod codec;
 pub mod counters;
+#[doc(hidden)]
+pub mod fake;
 pub mod native;
 pub mod occtl;
 pub mod occtl_json;
@@ -316,6 +318,18 @@ pub trait OcservBackend: Send + Sync {
         &self,
         id: u32,
     ) -> impl std::future::Future<Output = CtlResult<DisconnectOutcome>> + Send;
+    /// Ends exactly the session `key` names, never another session that has since been given
+    /// the same (recycled) ID: the identity is re-checked against ocserv in the same call.
+    ///
+    /// Native: with a session id, TERMINATE_SESSION (ocserv >= 1.4.2, which also revokes the
+    /// cookie); when ocserv closes without answering (older versions), ID_INFO, and DISCONNECT_ID
+    /// only if the listed session [`SessionKey::matches`]. occtl: `show id ID`, the same check,
+    /// then `disconnect id ID`. A session that is gone or is another session now is
+    /// [`DisconnectOutcome::NotFound`].
+    fn disconnect_session(
+        &self,
+        key: &SessionKey,
+    ) -> impl std::future::Future<Output = CtlResult<DisconnectOutcome>> + Send;
     fn list_banned(&self) -> impl std::future::Future<Output = CtlResult<Vec<Ban>>> + Send;
     fn unban_ip(
         &self,
@@ -366,6 +380,9 @@ impl OcservBackend for Backend {
     async fn terminate_id(&self, id: u32) -> CtlResult<DisconnectOutcome> {
         delegate!(self, b => b.terminate_id(id))
     }
+    async fn disconnect_session(&self, key: &SessionKey) -> CtlResult<DisconnectOutcome> {
+        delegate!(self, b => b.disconnect_session(key))
+    }
     async fn list_banned(&self) -> CtlResult<Vec<Ban>> {
         delegate!(self, b => b.list_banned())
     }
@@ -380,11 +397,118 @@ impl OcservBackend for Backend {
     }
 }
 
+/// Replies larger than this are decoded and mapped on the blocking pool; smaller ones inline,
+/// where a thread hop would cost more latency than the work itself.
+pub const INLINE_DECODE_LIMIT: usize = 64 * 1024;
+
+/// Runs CPU-heavy work (decoding a large reply, mapping thousands of sessions) off the async
+/// workers when its input is larger than [`INLINE_DECODE_LIMIT`] bytes, inline otherwise.
+/// `command` names the call if the blocking task panics or is cancelled.
+pub(crate) async fn off_worker<T, F>(
+    command: &'static str,
+    input_len: usize,
+    work: F,
+) -> CtlResult<T>
+where
+    F: FnOnce() -> CtlResult<T> + Send + 'static,
+    T: Send + 'static,
+{
+    if input_len <= INLINE_DECODE_LIMIT {
+        return work();
+    }
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(CtlError::Io {
+            command,
+            source: std::io::Error::other(format!("decoding the reply failed: {e}")),
+        })
+    })
+}
+
 impl Backend {
     pub fn kind(&self) -> BackendKind {
         match self {
             Self::Native(_) => BackendKind::Native,
             Self::Occtl(_) => BackendKind::Occtl,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Small inputs are handled on the calling thread; large ones on a blocking-pool thread,
+    /// never on the (here: only) async worker.
+    #[tokio::test(flavor = "current_thread")]
+    async fn large_inputs_are_decoded_off_the_async_worker() {
+        let here = std::thread::current().id();
+        let small = off_worker("LIST", INLINE_DECODE_LIMIT, move || {
+            Ok(std::thread::current().id())
+        })
+        .await
+        .unwrap();
+        assert_eq!(small, here);
+        let large = off_worker("LIST", INLINE_DECODE_LIMIT + 1, move || {
+            Ok(std::thread::current().id())
+        })
+        .await
+        .unwrap();
+        assert_ne!(large, here);
+        // Errors come back unchanged; a panic becomes an error naming the command.
+        let e = off_worker::<(), _>("LIST", usize::MAX, || {
+            Err(CtlError::Refused { command: "LIST" })
+        })
+        .await
+        .unwrap_err();
+        assert!(matches!(e, CtlError::Refused { command: "LIST" }));
+        let e = off_worker::<(), _>("LIST", usize::MAX, || panic!("boom"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &e,
+                CtlError::Io {
+                    command: "LIST",
+                    ..
+                }
+            ) && e.to_string().contains("LIST"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn key_matches_by_session_id_else_connect_time() {
+        let s = |id, sid: Option<&str>, at| Session {
+            id,
+            safe_id: sid.map(str::to_owned),
+            username: "alice".into(),
+            groupname: String::new(),
+            state: SessionState::Connected,
+            client_ip: None,
+            vpn_ipv4: None,
+            vpn_ipv6: None,
+            server_ptp_ipv4: None,
+            device: String::new(),
+            connected_at: at,
+            hostname: String::new(),
+            user_agent: String::new(),
+            vhost: String::new(),
+            tls_ciphersuite: String::new(),
+            dtls_ciphersuite: String::new(),
+            mtu: None,
+            dns: Vec::new(),
+            routes: Vec::new(),
+            counters: None,
+        };
+        let key = s(7, Some("A"), 100).key();
+        assert!(key.matches(&s(7, Some("A"), 160)), "the session id decides");
+        assert!(
+            !key.matches(&s(7, Some("B"), 100)),
+            "recycled ID, other session"
+        );
+        assert!(!key.matches(&s(8, Some("A"), 100)));
+        let bare = s(7, None, 100).key();
+        assert!(bare.matches(&s(7, Some("A"), 100)));
+        assert!(!bare.matches(&s(7, None, 101)));
     }
 }

@@ -17,6 +17,16 @@
 //! - a wrong reply code, a truncated or oversize frame, or an undecodable body: `Protocol`;
 //! - an invalid username, ID or session id: `InvalidArgument`, before anything is sent.
 //!
+//! Identity: ocserv's IDs are PIDs and get recycled. [`OcservBackend::disconnect_session`] acts on
+//! a [`SessionKey`] (ID plus session id, or connect time): TERMINATE_SESSION by session id where
+//! ocserv has it (1.4.2 and later), else ID_INFO and DISCONNECT_ID only when the listed session is
+//! the one the key names. (The two requests of the fallback are separate connections, so a PID
+//! could in theory be recycled in the milliseconds between them; ocserv 1.1.6 offers nothing
+//! tighter.)
+//!
+//! Work off the async workers: a reply larger than [`super::INLINE_DECODE_LIMIT`] (a LIST of
+//! thousands of sessions) is decoded on the blocking pool; reading byte counters always is.
+//!
 //! A `bool_msg` with status false from DISCONNECT_* / TERMINATE_* / UNBAN_IP means ocserv found
 //! nothing to act on (its handlers set status only when a matching session or ban existed), so it
 //! becomes [`DisconnectOutcome::NotFound`]. For RELOAD and STOP, false becomes `Refused`.
@@ -32,7 +42,8 @@ use tokio::net::UnixStream;
 use super::codec::{self, CodecError, Command, FrameDecoder, Reply};
 use super::counters;
 use super::{
-    Ban, Cookie, CtlError, CtlResult, DisconnectOutcome, OcservBackend, ServerStatus, Session,
+    off_worker, Ban, Cookie, CtlError, CtlResult, DisconnectOutcome, OcservBackend, ServerStatus,
+    Session, SessionKey,
 };
 
 /// Client for ocserv's control socket. Cheap to clone; holds no connection between calls.
@@ -41,9 +52,6 @@ pub struct NativeBackend {
     pub socket: PathBuf,
     pub timeout: Duration,
 }
-
-/// Longest session id accepted by [`NativeBackend::terminate_session`]; ocserv's are 28 chars.
-const MAX_SAFE_ID_LEN: usize = 64;
 
 fn protocol(command: Command) -> impl FnOnce(CodecError) -> CtlError {
     move |e| CtlError::Protocol {
@@ -57,6 +65,21 @@ fn check_username(username: &str) -> CtlResult<()> {
         field: "username",
         reason: e.reason,
     })
+}
+
+fn check_safe_id(safe_id: &str) -> CtlResult<()> {
+    crate::validate::safe_id(safe_id).map_err(|e| CtlError::InvalidArgument {
+        field: e.field,
+        reason: e.reason,
+    })
+}
+
+/// Decodes a `user_list_rep`, on the blocking pool when it is large.
+async fn decode_sessions(command: Command, reply: Vec<u8>) -> CtlResult<Vec<Session>> {
+    off_worker(command.name(), reply.len(), move || {
+        codec::decode_sessions(&reply).map_err(protocol(command))
+    })
+    .await
 }
 
 /// ocserv's IDs are PIDs carried as sint32; larger values cannot name a session.
@@ -176,8 +199,25 @@ impl NativeBackend {
 
     async fn sessions(&self, command: Command, body: &[u8]) -> CtlResult<Vec<Session>> {
         let reply = self.exchange(command, body).await?;
-        let sessions = codec::decode_sessions(&reply).map_err(protocol(command))?;
+        let sessions = decode_sessions(command, reply).await?;
         with_counters(command, sessions).await
+    }
+
+    /// ID_INFO, then DISCONNECT_ID only when the session listed under that ID is the one `key`
+    /// names (a recycled ID names another session: `NotFound`, nothing is sent).
+    async fn disconnect_checked(
+        &self,
+        key: &SessionKey,
+        wire: i32,
+    ) -> CtlResult<DisconnectOutcome> {
+        let body = codec::id_req(wire);
+        let reply = self.exchange(Command::IdInfo, &body).await?;
+        let listed = decode_sessions(Command::IdInfo, reply).await?;
+        if !listed.iter().any(|s| key.matches(s)) {
+            tracing::debug!(session = %key, "session gone or its ID recycled; not disconnecting");
+            return Ok(DisconnectOutcome::NotFound);
+        }
+        Ok(outcome(self.bool_call(Command::DisconnectId, &body).await?))
     }
 
     async fn bool_call(&self, command: Command, body: &[u8]) -> CtlResult<bool> {
@@ -210,20 +250,7 @@ impl NativeBackend {
     /// ocserv 1.4.2 or later). There is no fallback: an older ocserv closes without answering,
     /// which is returned as [`CtlError::NoReply`].
     pub async fn terminate_session(&self, safe_id: &str) -> CtlResult<DisconnectOutcome> {
-        let valid = !safe_id.is_empty()
-            && safe_id.len() <= MAX_SAFE_ID_LEN
-            && safe_id.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
-            });
-        if !valid {
-            return Err(CtlError::InvalidArgument {
-                field: "safe_id",
-                reason: format!(
-                    "must be 1 to {MAX_SAFE_ID_LEN} base64 characters, got {} bytes",
-                    safe_id.len()
-                ),
-            });
-        }
+        check_safe_id(safe_id)?;
         let cmd = Command::TerminateSession;
         self.bounded(cmd, async {
             Ok(outcome(
@@ -258,7 +285,7 @@ async fn with_counters(command: Command, sessions: Vec<Session>) -> CtlResult<Ve
     tokio::task::spawn_blocking(move || {
         let mut sessions = sessions;
         for s in sessions.iter_mut().filter(|s| !s.device.is_empty()) {
-            s.counters = counters::read(&s.device, s.id);
+            s.counters = counters::read(&s.device, s.id, s.connected_at);
         }
         sessions
     })
@@ -340,6 +367,31 @@ impl OcservBackend for NativeBackend {
         .await
     }
 
+    async fn disconnect_session(&self, key: &SessionKey) -> CtlResult<DisconnectOutcome> {
+        let wire = wire_id(key.id)?;
+        if let Some(sid) = &key.safe_id {
+            check_safe_id(sid)?;
+        }
+        let cmd = if key.safe_id.is_some() {
+            Command::TerminateSession
+        } else {
+            Command::DisconnectId
+        };
+        self.bounded(cmd, async {
+            if let Some(sid) = &key.safe_id {
+                // The session id names one session (its cookie) whatever its worker's PID is.
+                match self.bool_call(cmd, &codec::safe_id_req(sid)).await {
+                    Err(CtlError::NoReply { .. }) => tracing::debug!(
+                        "ocserv does not know TERMINATE_SESSION; checking the ID before DISCONNECT_ID"
+                    ),
+                    other => return Ok(outcome(other?)),
+                }
+            }
+            self.disconnect_checked(key, wire).await
+        })
+        .await
+    }
+
     async fn list_banned(&self) -> CtlResult<Vec<Ban>> {
         let cmd = Command::ListBanned;
         self.bounded(cmd, async {
@@ -384,127 +436,57 @@ impl OcservBackend for NativeBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ocserv::fake::{Act, FakeOcserv};
     use crate::ocserv::SessionState;
     use crate::proto::ocserv_ctl as pb;
     use prost::Message;
-    use std::sync::{Arc, Mutex};
-    use tokio::net::UnixListener;
 
-    /// What the fake server does with one request.
-    enum Act {
-        /// Send these raw bytes, then close.
-        Send(Vec<u8>),
-        /// Close without a byte.
-        Close,
-        /// Never answer (keep the connection open).
-        Hang,
+    fn backend(f: &FakeOcserv) -> NativeBackend {
+        NativeBackend::new(f.socket().to_path_buf(), Duration::from_secs(5))
     }
 
-    /// A request as the fake server received it, plus how many reads it took.
-    #[derive(Debug, Clone)]
-    struct Seen {
-        code: u8,
-        body: Vec<u8>,
-        first_read_len: usize,
-    }
-
-    struct Fake {
-        _dir: tempfile::TempDir,
-        path: PathBuf,
-        seen: Arc<Mutex<Vec<Seen>>>,
-    }
-
-    /// A fake ocserv control socket: per connection, reads one request frame with the real
-    /// framing and answers as `act` says.
-    fn fake(act: impl Fn(u8, &[u8]) -> Act + Send + Sync + 'static) -> Fake {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("occtl.socket");
-        let listener = UnixListener::bind(&path).unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let seen2 = seen.clone();
-        let act = Arc::new(act);
-        tokio::spawn(async move {
-            while let Ok((mut conn, _)) = listener.accept().await {
-                let seen = seen2.clone();
-                let act = act.clone();
-                tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 1024];
-                    let mut first_read_len = None;
-                    let frame = loop {
-                        let n = conn.read(&mut chunk).await.unwrap_or(0);
-                        if n == 0 {
-                            return;
-                        }
-                        first_read_len.get_or_insert(n);
-                        buf.extend_from_slice(&chunk[..n]);
-                        if buf.len() >= 5 {
-                            let len = u32::from_le_bytes([buf[1], buf[2], buf[3], buf[4]]);
-                            if buf.len() >= 5 + len as usize {
-                                break buf;
-                            }
-                        }
-                    };
-                    let (code, body) = (frame[0], frame[5..].to_vec());
-                    seen.lock().unwrap().push(Seen {
-                        code,
-                        body: body.clone(),
-                        first_read_len: first_read_len.unwrap_or(0),
-                    });
-                    match act(code, &body) {
-                        Act::Send(bytes) => {
-                            let _ = conn.write_all(&bytes).await;
-                        }
-                        Act::Close => {}
-                        Act::Hang => {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                        }
-                    }
-                });
-            }
-        });
-        Fake {
-            _dir: dir,
-            path,
-            seen,
+    fn user(id: i32, name: &str) -> pb::UserInfoRep {
+        pb::UserInfoRep {
+            id: Some(id),
+            username: Some(name.as_bytes().to_vec()),
+            status: Some(4),
+            // A device that exists nowhere: counters stay None, decoding still works.
+            tun: Some("vpnsfake9".into()),
+            local_ip: Some("10.99.0.2".into()),
+            ..Default::default()
         }
     }
 
-    fn backend(f: &Fake) -> NativeBackend {
-        NativeBackend::new(f.path.clone(), Duration::from_secs(5))
+    /// A user with a session id (sent as ocserv does: followed by a NUL) and a connect time.
+    fn user_sid(id: i32, name: &str, sid: &str, conn_time: u64) -> pb::UserInfoRep {
+        let mut raw = sid.as_bytes().to_vec();
+        raw.push(0);
+        pb::UserInfoRep {
+            safe_id: Some(raw),
+            conn_time: Some(conn_time),
+            ..user(id, name)
+        }
     }
 
-    fn bool_reply(code: u8, status: bool) -> Vec<u8> {
-        codec::encode_frame(
-            code,
-            &pb::BoolMsg {
-                status: Some(status),
-            }
-            .encode_to_vec(),
-        )
+    fn user_list(entries: &[(i32, &str)]) -> Act {
+        Act::users(entries.iter().map(|(id, name)| user(*id, name)))
     }
 
-    fn user_list(entries: &[(i32, &str)]) -> Vec<u8> {
-        let list = pb::UserListRep {
-            user: entries
-                .iter()
-                .map(|(id, name)| pb::UserInfoRep {
-                    id: Some(*id),
-                    username: Some(name.as_bytes().to_vec()),
-                    status: Some(4),
-                    // A device that exists nowhere: counters stay None, decoding still works.
-                    tun: Some("vpnsfake9".into()),
-                    local_ip: Some("10.99.0.2".into()),
-                    ..Default::default()
-                })
-                .collect(),
+    /// The LIST reply frame as bytes, for tests that cut it.
+    fn user_list_frame(entries: &[(i32, &str)]) -> Vec<u8> {
+        let Act::Reply(code, body) = user_list(entries) else {
+            unreachable!()
         };
-        codec::encode_frame(104, &list.encode_to_vec())
+        codec::encode_frame(code, &body)
+    }
+
+    fn id_of(body: &[u8]) -> i32 {
+        pb::IdReq::decode(body).unwrap().id.unwrap()
     }
 
     #[tokio::test]
     async fn list_reply_decodes_and_request_is_one_frame() {
-        let f = fake(|_, _| Act::Send(user_list(&[(101, "alice"), (202, "jürgen")])));
+        let f = FakeOcserv::start(|_, _| user_list(&[(101, "alice"), (202, "jürgen")]));
         let sessions = backend(&f).list().await.unwrap();
         assert_eq!(sessions.len(), 2);
         assert_eq!(
@@ -515,18 +497,30 @@ mod tests {
         assert_eq!(sessions[1].state, SessionState::Connected);
         assert_eq!(sessions[1].vpn_ipv4, Some("10.99.0.2".parse().unwrap()));
         assert_eq!(sessions[1].counters, None);
-        let seen = f.seen.lock().unwrap().clone();
+        let seen = f.requests();
         assert_eq!(seen.len(), 1);
         assert_eq!((seen[0].code, seen[0].body.len()), (4, 0));
         assert_eq!(seen[0].first_read_len, 5);
     }
 
     #[tokio::test]
+    async fn large_list_reply_decodes() {
+        // Well over the inline limit: decoded on the blocking pool, same result.
+        let n = 2000;
+        let f = FakeOcserv::start(move |_, _| {
+            Act::users((1..=n).map(|i| user_sid(i, "someone", "AbCdEfGhIjKlMnOpQrStUvWxYz0=", 1)))
+        });
+        let sessions = backend(&f).list().await.unwrap();
+        assert_eq!(sessions.len(), n as usize);
+        assert_eq!(sessions.last().unwrap().id, n as u32);
+    }
+
+    #[tokio::test]
     async fn user_info_sends_username_req_in_a_single_write() {
-        let f = fake(|_, _| Act::Send(user_list(&[(7, "jürgen")])));
+        let f = FakeOcserv::start(|_, _| user_list(&[(7, "jürgen")]));
         let s = backend(&f).user_info("jürgen").await.unwrap();
         assert_eq!(s[0].id, 7);
-        let seen = f.seen.lock().unwrap().clone();
+        let seen = f.requests();
         assert_eq!(seen[0].code, 5);
         let req = pb::UsernameReq::decode(&seen[0].body[..]).unwrap();
         assert_eq!(req.username.as_deref(), Some("jürgen"));
@@ -536,12 +530,11 @@ mod tests {
 
     #[tokio::test]
     async fn id_info_zero_entries_is_none_and_id_is_zigzag() {
-        let f = fake(|_, body| {
-            let id = pb::IdReq::decode(body).unwrap().id.unwrap();
-            if id == 42 {
-                Act::Send(user_list(&[(42, "bob")]))
+        let f = FakeOcserv::start(|_, body| {
+            if id_of(body) == 42 {
+                user_list(&[(42, "bob")])
             } else {
-                Act::Send(user_list(&[]))
+                user_list(&[])
             }
         });
         let b = backend(&f);
@@ -551,19 +544,19 @@ mod tests {
             b.id_info(u32::MAX).await,
             Err(CtlError::InvalidArgument { field: "id", .. })
         ));
-        let seen = f.seen.lock().unwrap().clone();
+        let seen = f.requests();
         assert_eq!(seen.len(), 2, "an out-of-range id is never sent");
         assert_eq!(seen[0].body, vec![0x08, 84]);
     }
 
     #[tokio::test]
     async fn disconnect_false_is_not_found() {
-        let f = fake(|code, body| match code {
+        let f = FakeOcserv::start(|code, body| match code {
             7 => {
                 let name = pb::UsernameReq::decode(body).unwrap().username.unwrap();
-                Act::Send(bool_reply(105, name == "alice"))
+                Act::bool(105, name == "alice")
             }
-            8 => Act::Send(bool_reply(106, false)),
+            8 => Act::bool(106, false),
             _ => Act::Close,
         });
         let b = backend(&f);
@@ -583,7 +576,7 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_username_is_refused_before_sending() {
-        let f = fake(|_, _| Act::Close);
+        let f = FakeOcserv::start(|_, _| Act::Close);
         let b = backend(&f);
         for bad in ["", "../x", "a\nb", "-rf"] {
             assert!(
@@ -599,22 +592,27 @@ mod tests {
             assert!(b.user_info(bad).await.is_err());
             assert!(b.terminate_user(bad).await.is_err());
         }
-        assert!(matches!(
-            b.terminate_session("a b").await,
-            Err(CtlError::InvalidArgument {
-                field: "safe_id",
-                ..
-            })
-        ));
-        assert!(f.seen.lock().unwrap().is_empty());
+        for bad in ["a b", "", "a-b_c", "x\0"] {
+            assert!(
+                matches!(
+                    b.terminate_session(bad).await,
+                    Err(CtlError::InvalidArgument {
+                        field: "safe_id",
+                        ..
+                    })
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(f.requests().is_empty());
     }
 
     #[tokio::test]
     async fn terminate_falls_back_to_disconnect_on_eof() {
         // Like ocserv 1.1.6: unknown commands are closed without a reply.
-        let f = fake(|code, _| match code {
-            7 => Act::Send(bool_reply(105, true)),
-            8 => Act::Send(bool_reply(106, true)),
+        let f = FakeOcserv::start(|code, _| match code {
+            7 => Act::bool(105, true),
+            8 => Act::bool(106, true),
             _ => Act::Close,
         });
         let b = backend(&f);
@@ -623,7 +621,7 @@ mod tests {
             DisconnectOutcome::Done
         );
         assert_eq!(b.terminate_id(77).await.unwrap(), DisconnectOutcome::Done);
-        let seen = f.seen.lock().unwrap().clone();
+        let seen = f.requests();
         let codes: Vec<u8> = seen.iter().map(|s| s.code).collect();
         assert_eq!(codes, vec![13, 7, 14, 8]);
         // The fallback carries the same body.
@@ -640,9 +638,9 @@ mod tests {
 
     #[tokio::test]
     async fn terminate_uses_new_command_when_supported() {
-        let f = fake(|code, _| match code {
-            13 => Act::Send(bool_reply(111, false)),
-            15 => Act::Send(bool_reply(113, true)),
+        let f = FakeOcserv::start(|code, _| match code {
+            13 => Act::bool(111, false),
+            15 => Act::bool(113, true),
             _ => Act::Close,
         });
         let b = backend(&f);
@@ -654,7 +652,7 @@ mod tests {
             b.terminate_session("AbCd+/=").await.unwrap(),
             DisconnectOutcome::Done
         );
-        let seen = f.seen.lock().unwrap().clone();
+        let seen = f.requests();
         assert_eq!(
             seen.iter().map(|s| s.code).collect::<Vec<_>>(),
             vec![13, 15]
@@ -663,10 +661,120 @@ mod tests {
         assert_eq!(sid.unwrap(), b"AbCd+/=\0".to_vec());
     }
 
+    const SID_A: &str = "AbCdEfGhIjKlMnOpQrStUvWxYz0=";
+    const SID_B: &str = "ZzZzEfGhIjKlMnOpQrStUvWxYz0=";
+
+    fn key(id: u32, sid: Option<&str>, at: u64) -> SessionKey {
+        SessionKey {
+            id,
+            safe_id: sid.map(str::to_owned),
+            connected_at: at,
+        }
+    }
+
+    /// ocserv 1.1.6 (no TERMINATE_SESSION) where ID 500 now belongs to another session
+    /// (session id B, connected later) and ID 600 to the very session the key names.
+    fn old_ocserv_with_recycled_id() -> FakeOcserv {
+        FakeOcserv::start(|code, body| match code {
+            6 => match id_of(body) {
+                500 => Act::users([user_sid(500, "mallory", SID_B, 2_000)]),
+                600 => Act::users([user_sid(600, "alice", SID_A, 1_000)]),
+                _ => Act::users([]),
+            },
+            8 => Act::bool(106, true),
+            _ => Act::Close,
+        })
+    }
+
+    #[tokio::test]
+    async fn disconnect_session_leaves_a_recycled_id_alone() {
+        let f = old_ocserv_with_recycled_id();
+        let b = backend(&f);
+        // By session id: TERMINATE_SESSION unknown, ID_INFO lists another session: NotFound.
+        assert_eq!(
+            b.disconnect_session(&key(500, Some(SID_A), 1_000))
+                .await
+                .unwrap(),
+            DisconnectOutcome::NotFound
+        );
+        assert_eq!(f.commands(), vec![15, 6], "no DISCONNECT_ID sent");
+        // By connect time (no session id known): the same check.
+        assert_eq!(
+            b.disconnect_session(&key(500, None, 1_000)).await.unwrap(),
+            DisconnectOutcome::NotFound
+        );
+        // Gone altogether.
+        assert_eq!(
+            b.disconnect_session(&key(700, Some(SID_A), 1_000))
+                .await
+                .unwrap(),
+            DisconnectOutcome::NotFound
+        );
+        assert!(
+            !f.commands().contains(&8),
+            "DISCONNECT_ID never sent: {:?}",
+            f.commands()
+        );
+    }
+
+    #[tokio::test]
+    async fn disconnect_session_disconnects_the_matching_one() {
+        let f = old_ocserv_with_recycled_id();
+        let b = backend(&f);
+        assert_eq!(
+            b.disconnect_session(&key(600, Some(SID_A), 1_000))
+                .await
+                .unwrap(),
+            DisconnectOutcome::Done
+        );
+        assert_eq!(f.commands(), vec![15, 6, 8]);
+        let seen = f.requests();
+        assert_eq!(id_of(&seen[2].body), 600);
+        // Without a session id the connect time identifies it; no TERMINATE_SESSION is tried.
+        assert_eq!(
+            b.disconnect_session(&key(600, None, 1_000)).await.unwrap(),
+            DisconnectOutcome::Done
+        );
+        assert_eq!(f.commands(), vec![15, 6, 8, 6, 8]);
+    }
+
+    #[tokio::test]
+    async fn disconnect_session_uses_terminate_session_when_supported() {
+        let f = FakeOcserv::start(|code, body| match code {
+            15 => {
+                let sid = pb::SafeIdReq::decode(body).unwrap().safe_id.unwrap();
+                Act::bool(113, sid == format!("{SID_A}\0").into_bytes())
+            }
+            _ => Act::Close,
+        });
+        let b = backend(&f);
+        assert_eq!(
+            b.disconnect_session(&key(600, Some(SID_A), 1))
+                .await
+                .unwrap(),
+            DisconnectOutcome::Done
+        );
+        assert_eq!(
+            b.disconnect_session(&key(600, Some(SID_B), 1))
+                .await
+                .unwrap(),
+            DisconnectOutcome::NotFound
+        );
+        assert_eq!(f.commands(), vec![15, 15], "no ID_INFO, no DISCONNECT_ID");
+        // Invalid keys are refused before anything is sent.
+        for bad in [key(600, Some("a b"), 1), key(u32::MAX, Some(SID_A), 1)] {
+            assert!(matches!(
+                b.disconnect_session(&bad).await,
+                Err(CtlError::InvalidArgument { .. })
+            ));
+        }
+        assert_eq!(f.commands().len(), 2);
+    }
+
     #[tokio::test]
     async fn timeout_when_server_never_answers() {
-        let f = fake(|_, _| Act::Hang);
-        let b = NativeBackend::new(f.path.clone(), Duration::from_millis(200));
+        let f = FakeOcserv::start(|_, _| Act::Hang);
+        let b = NativeBackend::new(f.socket().to_path_buf(), Duration::from_millis(200));
         let started = std::time::Instant::now();
         let e = b.status().await.unwrap_err();
         assert!(
@@ -679,7 +787,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_reply_on_immediate_close() {
-        let f = fake(|_, _| Act::Close);
+        let f = FakeOcserv::start(|_, _| Act::Close);
         let e = backend(&f).list().await.unwrap_err();
         assert!(matches!(e, CtlError::NoReply { command: "LIST" }), "{e}");
     }
@@ -687,9 +795,9 @@ mod tests {
     #[tokio::test]
     async fn garbage_replies_are_protocol_errors() {
         let cases: Vec<(&str, Vec<u8>)> = vec![
-            ("wrong code", bool_reply(105, true)),
+            ("wrong code", codec::encode_frame(105, &[0x08, 1])),
             ("truncated body", {
-                let mut v = user_list(&[(1, "a")]);
+                let mut v = user_list_frame(&[(1, "a")]);
                 v.truncate(v.len() - 3);
                 v
             }),
@@ -702,10 +810,10 @@ mod tests {
                 "undecodable body",
                 codec::encode_frame(104, &[0xff, 0xff, 0xff]),
             ),
-            ("negative id", user_list(&[(-5, "x")])),
+            ("negative id", user_list_frame(&[(-5, "x")])),
         ];
         for (what, reply) in cases {
-            let f = fake(move |_, _| Act::Send(reply.clone()));
+            let f = FakeOcserv::start(move |_, _| Act::raw(reply.clone()));
             let e = backend(&f).list().await.unwrap_err();
             match &e {
                 CtlError::Protocol { command, reason } => {
@@ -739,10 +847,10 @@ mod tests {
 
     #[tokio::test]
     async fn status_bans_cookies_unban_reload_stop() {
-        let f = fake(|code, body| match code {
-            1 => Act::Send(codec::encode_frame(
+        let f = FakeOcserv::start(|code, body| match code {
+            1 => Act::Reply(
                 101,
-                &pb::StatusRep {
+                pb::StatusRep {
                     status: Some(true),
                     pid: Some(55),
                     active_clients: Some(2),
@@ -750,12 +858,12 @@ mod tests {
                     ..Default::default()
                 }
                 .encode_to_vec(),
-            )),
-            2 => Act::Send(bool_reply(102, true)),
-            3 => Act::Send(bool_reply(103, false)),
-            9 => Act::Send(codec::encode_frame(
+            ),
+            2 => Act::bool(102, true),
+            3 => Act::bool(103, false),
+            9 => Act::Reply(
                 108,
-                &pb::BanListRep {
+                pb::BanListRep {
                     info: vec![pb::BanInfoRep {
                         ip: Some(vec![203, 0, 113, 5]),
                         score: Some(50),
@@ -763,14 +871,14 @@ mod tests {
                     }],
                 }
                 .encode_to_vec(),
-            )),
+            ),
             10 => {
                 let ip = pb::UnbanReq::decode(body).unwrap().ip.unwrap();
-                Act::Send(bool_reply(107, ip == vec![203, 0, 113, 5]))
+                Act::bool(107, ip == vec![203, 0, 113, 5])
             }
-            12 => Act::Send(codec::encode_frame(
+            12 => Act::Reply(
                 110,
-                &pb::SecmListCookiesReplyMsg {
+                pb::SecmListCookiesReplyMsg {
                     cookies: vec![pb::CookieIntRep {
                         safe_id: Some(b"SID\0".to_vec()),
                         username: Some(b"alice".to_vec()),
@@ -778,7 +886,7 @@ mod tests {
                     }],
                 }
                 .encode_to_vec(),
-            )),
+            ),
             _ => Act::Close,
         });
         let b = backend(&f);

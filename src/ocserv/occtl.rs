@@ -20,6 +20,17 @@
 //! and `show id` exit 2 when nothing matches (an empty answer, not an error); `disconnect` and
 //! `unban` exit 1 with "could not ..." on stdout when nothing matches ([`DisconnectOutcome::NotFound`]).
 //!
+//! Identity: sessions carry their session id from occtl's "Full session" (an entry without a
+//! usable one fails the whole list, see [`occtl_json::sessions`]), so the `connected_at` derived
+//! from local time never identifies a session. [`OcservBackend::disconnect_session`] runs
+//! `show id ID`, checks that the listed session is the one the key names, and only then runs
+//! `disconnect id ID` (two runs of occtl: a PID recycled in the moment between them is not
+//! caught; occtl 1.1.6 has no `terminate`).
+//!
+//! Work off the async workers: output larger than [`super::INLINE_DECODE_LIMIT`] is parsed (and
+//! mapped to sessions) on the blocking pool, whatever the command; a timed-out occtl is killed
+//! and reaped before the call returns.
+//!
 //! Limits of occtl 1.1.6 compared with the native backend: UTF-8 names come back mangled
 //! ([`occtl_json::OcctlSession::name_mangled`]); there is no `terminate` command, so
 //! `terminate_*` disconnect (cookies of 1.1.6 are invalidated by disconnect anyway unless
@@ -51,6 +62,8 @@ pub const MAX_EVENTS_DURATION: Duration = Duration::from_secs(3600);
 
 /// No UTC offset learned yet.
 const NO_OFFSET: i64 = i64::MIN;
+/// How long to wait for a SIGKILLed occtl to be reaped.
+const REAP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The exec'd-occtl backend. Cheap to clone (clones share the learned UTC offset).
 #[derive(Debug, Clone)]
@@ -169,21 +182,22 @@ fn check_id(id: u32) -> CtlResult<String> {
     Ok(id.to_string())
 }
 
-/// A session id as `show session` takes it: base64 text, 1..=64 characters.
+/// A session id as `show session` takes it ([`crate::validate::safe_id`]).
 fn check_sid(sid: &str) -> CtlResult<()> {
-    let ok = !sid.is_empty()
-        && sid.len() <= 64
-        && sid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
-    if ok {
-        Ok(())
-    } else {
-        Err(CtlError::InvalidArgument {
-            field: "session_id",
-            reason: "must be 1 to 64 base64 characters".into(),
-        })
-    }
+    crate::validate::safe_id(sid).map_err(|e| CtlError::InvalidArgument {
+        field: e.field,
+        reason: e.reason,
+    })
+}
+
+/// Parses occtl's stdout with `parse`, on the blocking pool when it is large
+/// ([`super::off_worker`]).
+async fn parse_output<T: Send + 'static>(
+    label: &'static str,
+    stdout: Vec<u8>,
+    parse: impl FnOnce(&[u8]) -> CtlResult<T> + Send + 'static,
+) -> CtlResult<T> {
+    off_worker(label, stdout.len(), move || parse(&stdout)).await
 }
 
 /// stderr without the tun-counter warnings occtl prints outside ocserv's namespace.
@@ -264,8 +278,15 @@ impl OcctlBackend {
         let (out, err, status) = match tokio::time::timeout(self.timeout, work).await {
             Ok(r) => r,
             Err(_) => {
-                // kill_on_drop also covers this; kill now so the process is gone on return.
+                // kill_on_drop alone would leave a zombie until the runtime reaps orphans: kill
+                // and reap now, so the process is gone when this returns.
                 let _ = child.start_kill();
+                if tokio::time::timeout(REAP_TIMEOUT, child.wait())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(command = label, "a killed occtl did not exit in time");
+                }
                 return Err(CtlError::Timeout {
                     command: label,
                     timeout: self.timeout,
@@ -338,26 +359,36 @@ impl OcctlBackend {
         }
     }
 
-    /// Parses a session reply, fills missing byte counters from the tun devices and remembers
-    /// the UTC offset learned from it.
+    /// Parses a session reply (on the blocking pool when it is large) and remembers the UTC
+    /// offset learned from it.
+    async fn parse_sessions(
+        &self,
+        label: &'static str,
+        stdout: Vec<u8>,
+    ) -> CtlResult<Vec<OcctlSession>> {
+        let (now, hint) = (now_secs(), self.offset_hint());
+        let list = parse_output(label, stdout, move |out| {
+            occtl_json::sessions(out, label, now, hint)
+        })
+        .await?;
+        self.learn_offset(list.utc_offset);
+        Ok(list.sessions)
+    }
+
+    /// [`Self::parse_sessions`], then fills missing byte counters from the tun devices.
     async fn session_list(
         &self,
         label: &'static str,
-        stdout: &[u8],
+        stdout: Vec<u8>,
     ) -> CtlResult<Vec<OcctlSession>> {
-        let list = occtl_json::sessions(stdout, label, now_secs(), self.offset_hint())?;
-        self.learn_offset(list.utc_offset);
-        for s in &list.skipped {
-            tracing::warn!(command = label, index = s.index, reason = %s.reason, "skipped an occtl entry");
-        }
-        Ok(fill_counters(list.sessions).await)
+        Ok(fill_counters(self.parse_sessions(label, stdout).await?).await)
     }
 
     /// `show users` with occtl's extra details (mangled-name flags, iroutes, limits).
     pub async fn list_detailed(&self) -> CtlResult<Vec<OcctlSession>> {
         const L: &str = "show users";
         let run = self.json(L, &["show", "users"], &[]).await?;
-        self.session_list(L, &run.stdout).await
+        self.session_list(L, run.stdout).await
     }
 
     /// `show user NAME` with occtl's extra details; empty when the user has no session.
@@ -368,14 +399,14 @@ impl OcctlBackend {
         if run.code == Some(2) {
             return Ok(Vec::new());
         }
-        self.session_list(L, &run.stdout).await
+        self.session_list(L, run.stdout).await
     }
 
     /// `show iroutes`: every session's iroutes.
     pub async fn iroutes(&self) -> CtlResult<Extracted<UserIroutes>> {
         const L: &str = "show iroutes";
         let run = self.json(L, &["show", "iroutes"], &[]).await?;
-        occtl_json::iroutes(&run.stdout, L)
+        parse_output(L, run.stdout, |out| occtl_json::iroutes(out, L)).await
     }
 
     /// `show sessions all|valid`: the cookies sec-mod holds, with occtl's state text.
@@ -385,7 +416,11 @@ impl OcctlBackend {
             CookieFilter::Valid => ("show sessions valid", "valid"),
         };
         let run = self.json(label, &["show", "sessions", word], &[]).await?;
-        occtl_json::cookies(&run.stdout, label, self.offset_hint())
+        let hint = self.offset_hint();
+        parse_output(label, run.stdout, move |out| {
+            occtl_json::cookies(out, label, hint)
+        })
+        .await
     }
 
     /// `show session SID` (the full 28-character id; a prefix finds nothing).
@@ -396,14 +431,17 @@ impl OcctlBackend {
         if run.code == Some(2) {
             return Ok(Extracted::default());
         }
-        occtl_json::cookies(&run.stdout, L, self.offset_hint())
+        let hint = self.offset_hint();
+        parse_output(L, run.stdout, move |out| occtl_json::cookies(out, L, hint)).await
     }
 
     /// `show ip ban points`: every address with a score, banned or not.
     pub async fn ban_points(&self) -> CtlResult<Vec<Ban>> {
         const L: &str = "show ip ban points";
         let run = self.json(L, &["show", "ip", "ban", "points"], &[]).await?;
-        Ok(occtl_json::bans(&run.stdout, L)?.items)
+        Ok(parse_output(L, run.stdout, |out| occtl_json::bans(out, L))
+            .await?
+            .items)
     }
 
     /// `stop now`: asks ocserv to shut down (every session ends).
@@ -487,7 +525,11 @@ impl OcctlBackend {
         if run.stdout.iter().all(u8::is_ascii_whitespace) {
             return Err(self.failure(L, &run));
         }
-        let events = occtl_json::events(&run.stdout, L, now_secs(), self.offset_hint())?;
+        let (now, hint) = (now_secs(), self.offset_hint());
+        let events = parse_output(L, run.stdout, move |out| {
+            occtl_json::events(out, L, now, hint)
+        })
+        .await?;
         self.learn_offset(events.initial.utc_offset);
         Ok(events)
     }
@@ -510,17 +552,20 @@ impl OcctlBackend {
         if !benign {
             return Err(self.failure(label, &run));
         }
-        let Documents { values, text } =
-            occtl_json::parse_documents(&run.stdout).map_err(|e| CtlError::Protocol {
+        let stderr = clean_stderr(&run.stderr);
+        let Documents { values, text } = parse_output(label, run.stdout, move |out| {
+            occtl_json::parse_documents(out).map_err(|e| CtlError::Protocol {
                 command: label,
                 reason: format!("unparsable occtl output {e}"),
-            })?;
+            })
+        })
+        .await?;
         Ok(OcctlOutput {
             args: argv,
             exit_code: run.code,
             documents: values,
             text,
-            stderr: clean_stderr(&run.stderr),
+            stderr,
         })
     }
 }
@@ -612,7 +657,15 @@ async fn fill_counters(sessions: Vec<OcctlSession>) -> Vec<OcctlSession> {
     tokio::task::spawn_blocking(move || {
         let mut sessions = sessions;
         for s in sessions.iter_mut().filter(|s| needs(s)) {
-            if let Some(c) = counters::read(&s.session.device, s.session.id) {
+            // A derived connect time is rounded down to the minute: the worker may have
+            // started up to 59 s after it.
+            let at = s.session.connected_at;
+            let latest = if at == 0 || s.connected_at_exact {
+                at
+            } else {
+                at.saturating_add(59)
+            };
+            if let Some(c) = counters::read(&s.session.device, s.session.id, latest) {
                 s.session.counters = Some(c);
             }
         }
@@ -626,7 +679,7 @@ impl OcservBackend for OcctlBackend {
     async fn status(&self) -> CtlResult<ServerStatus> {
         const L: &str = "show status";
         let run = self.json(L, &["show", "status"], &[]).await?;
-        occtl_json::status(&run.stdout, L)
+        parse_output(L, run.stdout, |out| occtl_json::status(out, L)).await
     }
 
     async fn list(&self) -> CtlResult<Vec<Session>> {
@@ -655,7 +708,7 @@ impl OcservBackend for OcctlBackend {
             return Ok(None);
         }
         Ok(self
-            .session_list(L, &run.stdout)
+            .session_list(L, run.stdout)
             .await?
             .into_iter()
             .map(|s| s.session)
@@ -685,10 +738,28 @@ impl OcservBackend for OcctlBackend {
         self.disconnect_id(id).await
     }
 
+    async fn disconnect_session(&self, key: &SessionKey) -> CtlResult<DisconnectOutcome> {
+        const L: &str = "show id";
+        let arg = check_id(key.id)?;
+        let run = self.json(L, &["show", "id", &arg], &[2]).await?;
+        if run.code == Some(2) {
+            return Ok(DisconnectOutcome::NotFound);
+        }
+        let listed = self.parse_sessions(L, run.stdout).await?;
+        if !listed.iter().any(|s| key.matches(&s.session)) {
+            tracing::debug!(session = %key, "session gone or its ID recycled; not disconnecting");
+            return Ok(DisconnectOutcome::NotFound);
+        }
+        self.action("disconnect id", &["disconnect", "id", &arg])
+            .await
+    }
+
     async fn list_banned(&self) -> CtlResult<Vec<Ban>> {
         const L: &str = "show ip bans";
         let run = self.json(L, &["show", "ip", "bans"], &[]).await?;
-        Ok(occtl_json::bans(&run.stdout, L)?.items)
+        Ok(parse_output(L, run.stdout, |out| occtl_json::bans(out, L))
+            .await?
+            .items)
     }
 
     async fn unban_ip(&self, ip: IpAddr) -> CtlResult<DisconnectOutcome> {
@@ -810,17 +881,29 @@ mod tests {
         );
     }
 
+    /// A stand-in "occtl" (a test-only script; the backend itself never runs a shell) in its
+    /// own temp dir.
+    fn script(body: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("occtl");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        (dir, path)
+    }
+
+    /// Neither running nor a zombie: `kill(pid, 0)` says there is no such process.
+    fn gone(pid: i32) -> bool {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None)
+            == Err(nix::errno::Errno::ESRCH)
+    }
+
     #[tokio::test]
     async fn timeout_kills_a_hanging_occtl() {
-        // A stand-in "occtl" that never answers (a test-only script; the backend itself never
-        // runs a shell).
-        let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("occtl");
-        std::fs::write(&script, "#!/bin/sh\nexec sleep 30\n").unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        // An occtl that never answers; it writes its PID first (`exec` keeps the PID).
+        let (dir, occtl) = script("echo $$ > \"$(dirname \"$0\")/pid\"\nexec sleep 30\n");
         let b = OcctlBackend::new(
-            script,
+            occtl,
             "/nonexistent.sock".into(),
             Duration::from_millis(300),
         );
@@ -837,5 +920,132 @@ mod tests {
             "{e}"
         );
         assert!(started.elapsed() < Duration::from_secs(5));
+        let pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Polled with a blocking sleep: this single-threaded runtime cannot reap anything
+        // meanwhile, so only the backend itself can have made the process disappear.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while !gone(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone(pid), "occtl {pid} still exists after the timeout");
+    }
+
+    /// The session `show id 10212` lists (a real capture): its ID and session id.
+    const BOB_ID: u32 = 10212;
+    const BOB_SID: &str = "RZkbAyh99yWRpxKvdYrG+sfJVyA=";
+
+    /// An occtl that answers `show id 10212` with the captured fixture, `show id` of anything
+    /// else with "not found" (exit 2), and `disconnect id N` with success; it logs every command.
+    fn fake_occtl() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let fixture =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/occtl/id-bob.stdout");
+        let (dir, occtl) = script(&format!(
+            r#"log="$(dirname "$0")/log"
+shift 3
+echo "$*" >> "$log"
+case "$1 $2 $3" in
+  "show id {BOB_ID}") cat '{}' ;;
+  "show id "*) printf '[\n]\n'; exit 2 ;;
+  "disconnect id "*) echo "connection $3 was disconnected" ;;
+  *) exit 1 ;;
+esac
+"#,
+            fixture.display()
+        ));
+        let log = dir.path().join("log");
+        (dir, occtl, log)
+    }
+
+    fn commands(log: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn disconnect_session_checks_the_identity_first() {
+        let (_dir, occtl, log) = fake_occtl();
+        let b = OcctlBackend::new(occtl, "/x.sock".into(), Duration::from_secs(5));
+        let key = |id, sid: &str| SessionKey {
+            id,
+            safe_id: Some(sid.to_owned()),
+            connected_at: 1,
+        };
+        // The ID now belongs to another session (another session id): not disconnected.
+        assert_eq!(
+            b.disconnect_session(&key(BOB_ID, "AbCdEfGhIjKlMnOpQrStUvWxYz0="))
+                .await
+                .unwrap(),
+            DisconnectOutcome::NotFound
+        );
+        // Gone altogether.
+        assert_eq!(
+            b.disconnect_session(&key(4242, BOB_SID)).await.unwrap(),
+            DisconnectOutcome::NotFound
+        );
+        assert_eq!(commands(&log), ["show id 10212", "show id 4242"]);
+        // The very session: disconnected by ID.
+        assert_eq!(
+            b.disconnect_session(&key(BOB_ID, BOB_SID)).await.unwrap(),
+            DisconnectOutcome::Done
+        );
+        assert_eq!(
+            commands(&log)[2..],
+            ["show id 10212", "disconnect id 10212"]
+        );
+        assert!(matches!(
+            b.disconnect_session(&key(0, BOB_SID)).await,
+            Err(CtlError::InvalidArgument { field: "id", .. })
+        ));
+    }
+
+    /// occtl output with an entry the parser cannot use fails the call: a list is never
+    /// silently shorter.
+    #[tokio::test]
+    async fn an_unusable_entry_fails_the_list() {
+        let (dir, occtl) = script("cat \"$(dirname \"$0\")/users.json\"\n");
+        std::fs::write(
+            dir.path().join("users.json"),
+            r#"[ { "ID": 5, "Username": "a", "State": "connected", "Full session": "RZkbAyh99yWRpxKvdYrG+sfJVyA=" },
+  { "ID": "?", "Username": "b", "State": "connected", "Full session": "GDnAGg6Vqa8411Hw9xjkUEGvwSg=" } ]
+"#,
+        )
+        .unwrap();
+        let b = OcctlBackend::new(occtl, "/x.sock".into(), Duration::from_secs(5));
+        let e = b.list().await.unwrap_err();
+        assert!(
+            matches!(&e, CtlError::Protocol { command: "show users", reason } if reason.contains("entry 1")),
+            "{e}"
+        );
+    }
+
+    /// A `show users` reply far over the inline limit is parsed (on the blocking pool).
+    #[tokio::test]
+    async fn large_output_is_parsed() {
+        let n = 1000;
+        let mut text = String::from("[\n");
+        for i in 1..=n {
+            let comma = if i < n { "," } else { "" };
+            text.push_str(&format!(
+                "{{ \"ID\": {i}, \"Username\": \"user{i}\", \"State\": \"connected\", \
+                 \"Full session\": \"{i:0>27}=\", \"Hostname\": \"{}\" }}{comma}\n",
+                "h".repeat(100),
+            ));
+        }
+        text.push_str("]\n");
+        assert!(text.len() > INLINE_DECODE_LIMIT);
+        let (dir, occtl) = script("cat \"$(dirname \"$0\")/users.json\"\n");
+        std::fs::write(dir.path().join("users.json"), &text).unwrap();
+        let b = OcctlBackend::new(occtl, "/x.sock".into(), Duration::from_secs(10));
+        let list = b.list().await.unwrap();
+        assert_eq!(list.len(), n);
+        assert_eq!(list[n - 1].username, format!("user{n}"));
+        assert_eq!(list[n - 1].safe_id.as_deref().map(str::len), Some(28));
     }
 }

@@ -15,8 +15,19 @@
 //!
 //! Failure behaviour: never panics. Hard limits ([`MAX_INPUT`], [`MAX_DEPTH`]) bound work and
 //! stack. A reply that cannot be parsed at all is a [`CtlError::Protocol`] naming the command and
-//! the byte offset; a single entry that cannot be used (no numeric `ID`, no IP for a ban, ...) is
-//! skipped and its reason collected in [`Skipped`], so one odd entry never hides the others.
+//! the byte offset. A session list ([`sessions`]) with an entry that cannot be used (no numeric
+//! `ID`, no usable session id, not an object) is a `Protocol` error for the whole list, naming
+//! the entry and the reason, as on the native path: a silently shorter list would make the
+//! reconcile loop report a disconnect that never happened. Elsewhere (bans, cookies, iroutes,
+//! the `show events` stream) such an entry is skipped and its reason collected in [`Skipped`],
+//! so one odd entry never hides the others.
+//!
+//! Identity: a session's key is its `ID` plus its session id (`Full session`); every entry must
+//! carry a valid one (checked with [`crate::validate::safe_id`]), unless occtl printed the exact
+//! connect time (`raw_connected_at`, occtl >= 1.2.3) or the session is still pre-auth. The
+//! `connected_at` derived from local time and a learned UTC offset ([`local_to_unix`]) is for
+//! display only: it moves when the offset is unknown or shifts (DST) and never identifies a
+//! session.
 //!
 //! Known limits of occtl 1.1.6 output that no parser can undo:
 //! - bytes >= 0x80 in names become `\u00ff` (quirk 7): such names are kept as printed and flagged
@@ -411,6 +422,9 @@ pub struct OcctlSession {
     pub elapsed_secs: Option<u64>,
     /// `Connected at` as printed (local time, no zone).
     pub connected_at_local: String,
+    /// `session.connected_at` is occtl's exact `raw_connected_at` (occtl >= 1.2.3). When false it
+    /// was derived from the local time at minute precision (rounded down), or is 0 (unknown).
+    pub connected_at_exact: bool,
     /// The `iRoutes` list.
     pub iroutes: Vec<String>,
     /// The rate limits as printed (`"250.0 KB/sec"`), when set.
@@ -613,10 +627,8 @@ fn session_entry(v: &Value) -> Result<OcctlSession, String> {
         .or_else(|| v.get_all("TX").find(|t| t.as_u64().is_none()))
         .and_then(Value::as_str)
         .map(str::to_owned);
-    let connected_at = v
-        .get("raw_connected_at")
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
+    let raw_connected_at = v.get("raw_connected_at").and_then(Value::as_u64);
+    let connected_at = raw_connected_at.unwrap_or(0);
     let connected_at_local = {
         let a = text(v, "Connected at");
         if a.is_empty() {
@@ -625,13 +637,25 @@ fn session_entry(v: &Value) -> Result<OcctlSession, String> {
             a
         }
     };
+    let state = SessionState::from_occtl(&text(v, "State"));
     let safe_id = Some(text(v, "Full session")).filter(|s| !s.is_empty());
+    match &safe_id {
+        Some(sid) => crate::validate::safe_id(sid)
+            .map_err(|e| format!("ID {id}: invalid \"Full session\" {sid:?}: {}", e.reason))?,
+        None if raw_connected_at.is_none() && state != SessionState::PreAuth => {
+            return Err(format!(
+                "ID {id}: no \"Full session\" (and no \"raw_connected_at\"): the session \
+                 cannot be identified"
+            ))
+        }
+        None => {}
+    }
     let session = Session {
         id,
         safe_id,
         username: username.clone(),
         groupname: groupname.clone(),
-        state: SessionState::from_occtl(&text(v, "State")),
+        state,
         client_ip: ip_any(v, "Remote IP"),
         vpn_ipv4: ip4(v, "IPv4"),
         vpn_ipv6: ip6(v, "IPv6"),
@@ -661,6 +685,7 @@ fn session_entry(v: &Value) -> Result<OcctlSession, String> {
             .and_then(Value::as_str)
             .and_then(parse_elapsed),
         connected_at_local,
+        connected_at_exact: raw_connected_at.is_some(),
         iroutes: v
             .get("iRoutes")
             .map(Value::string_items)
@@ -707,6 +732,9 @@ fn collect_sessions(values: Vec<Value>) -> SessionList {
 /// `show users`, `show user NAME`, `show id ID`: the sessions, with `connected_at` derived as
 /// described in [`local_to_unix`] (`now` is the current unix time, `utc_offset_hint` an offset
 /// learned earlier, used when no session in this reply is young enough to learn it from).
+///
+/// An entry that cannot be used makes the whole reply a [`CtlError::Protocol`] naming the entry
+/// (its position) and the reason; the returned list's `skipped` is therefore always empty.
 pub fn sessions(
     input: &[u8],
     command: &'static str,
@@ -715,6 +743,19 @@ pub fn sessions(
 ) -> CtlResult<SessionList> {
     let v = parse_reply(input, command)?;
     let mut list = collect_sessions(entries(v));
+    if let Some(first) = list.skipped.first() {
+        let more = match list.skipped.len() {
+            1 => String::new(),
+            n => format!(" (and {} more unusable entries)", n - 1),
+        };
+        return Err(protocol(
+            command,
+            format!(
+                "session entry {} cannot be used: {}{more}",
+                first.index, first.reason
+            ),
+        ));
+    }
     fill_connected_at(&mut list, now, utc_offset_hint);
     Ok(list)
 }
@@ -1113,7 +1154,7 @@ mod tests {
         assert_eq!(d.text, ["Press 'q' or CTRL+C to quit"]);
         // A stream stopped mid-document keeps the complete ones.
         let e = events(
-            b"[\n]\ntext\n[ {\"ID\": 7, \"Username\": \"a\"} ]\n[ {\"ID\": 8,",
+            b"[\n]\ntext\n[ {\"ID\": 7, \"Username\": \"a\", \"State\": \"pre-auth\"} ]\n[ {\"ID\": 8,",
             "show events",
             0,
             None,
@@ -1167,23 +1208,89 @@ mod tests {
         );
     }
 
+    /// An entry occtl printed but that cannot be used makes the whole session list an error
+    /// naming the entry and the reason, never a silently shorter list.
     #[test]
-    fn entries_without_id_are_skipped_with_reason() {
-        let l = sessions(
-            br#"[ {"ID": "x", "Username": "a"}, 5, {"Username": "b"}, {"ID": 9, "Username": "c"} ]"#,
-            "show users",
-            0,
-            None,
-        )
-        .unwrap();
-        assert_eq!(l.sessions.len(), 1);
-        assert_eq!(l.sessions[0].session.id, 9);
-        assert_eq!(l.skipped.len(), 3);
-        assert_eq!(l.skipped[0].index, 0);
-        assert!(l.skipped[0].reason.contains("ID"));
-        assert!(l.skipped[1].reason.contains("not an object"));
+    fn an_unusable_session_entry_fails_the_whole_list() {
+        const SID: &str = "GDnAGg6Vqa8411Hw9xjkUEGvwSg=";
+        let good = format!(
+            r#"{{"ID": 9, "Username": "c", "State": "connected", "Full session": "{SID}"}}"#
+        );
+        let cases = [
+            (
+                r#"{"ID": "x", "Username": "a"}"#.to_owned(),
+                "entry 1",
+                "\"ID\" is not a positive",
+            ),
+            (r#"{"Username": "b"}"#.to_owned(), "entry 1", "no \"ID\""),
+            ("5".to_owned(), "entry 1", "not an object"),
+            (
+                r#"{"ID": 0, "Username": "z"}"#.to_owned(),
+                "entry 1",
+                "\"ID\"",
+            ),
+            (
+                r#"{"ID": 12, "Username": "d", "State": "connected"}"#.to_owned(),
+                "entry 1",
+                "ID 12: no \"Full session\"",
+            ),
+            (
+                r#"{"ID": 13, "Username": "d", "State": "connected", "Full session": "a b"}"#
+                    .to_owned(),
+                "entry 1",
+                "ID 13: invalid \"Full session\"",
+            ),
+        ];
+        for (bad, entry, why) in cases {
+            let input = format!("[ {good}, {bad} ]");
+            let e = sessions(input.as_bytes(), "show users", 0, None).unwrap_err();
+            let CtlError::Protocol { command, reason } = &e else {
+                panic!("{bad}: expected Protocol, got {e:?}")
+            };
+            assert_eq!(*command, "show users");
+            assert!(
+                reason.contains(entry) && reason.contains(why),
+                "{bad}: {reason}"
+            );
+        }
+        let input = format!(r#"[ 1, {good}, 2, 3 ]"#);
+        let e = sessions(input.as_bytes(), "show user", 0, None).unwrap_err();
+        assert!(
+            e.to_string().contains("entry 0") && e.to_string().contains("2 more"),
+            "{e}"
+        );
+        // Usable: a session id, or the exact connect time, or a session still in pre-auth.
+        let ok = format!(
+            r#"[ {good}, {{"ID": 10, "raw_connected_at": 1700000000}},
+                 {{"ID": 11, "State": "pre-auth"}} ]"#
+        );
+        let l = sessions(ok.as_bytes(), "show users", 0, None).unwrap();
+        assert_eq!(l.sessions.len(), 3);
+        assert!(l.skipped.is_empty());
+        assert_eq!(l.sessions[0].session.safe_id.as_deref(), Some(SID));
+        // Elsewhere one bad entry is still skipped with its reason.
         let b = bans(br#"[ {"IP": "nope", "Score": 1} ]"#, "show ip bans").unwrap();
         assert!(b.items.is_empty() && b.skipped[0].reason.contains("IP"));
+        let ev = events(format!("[ {good}, 5 ]").as_bytes(), "show events", 0, None).unwrap();
+        assert_eq!(ev.initial.sessions.len(), 1);
+        assert_eq!(ev.initial.skipped.len(), 1);
+    }
+
+    /// The session key never depends on the connect time derived from local time: the same
+    /// reply read with two different UTC offsets gives different `connected_at` values but the
+    /// same identity.
+    #[test]
+    fn identity_does_not_move_with_the_learned_offset() {
+        let old = r#"[{"ID": 2, "State": "connected", "Full session": "GDnAGg6Vqa8411Hw9xjkUEGvwSg=",
+                      "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}]"#;
+        let now = 1_700_000_000;
+        let a = sessions(old.as_bytes(), "show users", now, Some(3600)).unwrap();
+        let b = sessions(old.as_bytes(), "show users", now, Some(7200)).unwrap();
+        let (a, b) = (&a.sessions[0], &b.sessions[0]);
+        assert_ne!(a.session.connected_at, b.session.connected_at);
+        assert!(!a.connected_at_exact);
+        assert!(a.session.key().matches(&b.session));
+        assert!(b.session.key().matches(&a.session));
     }
 
     #[test]
@@ -1207,8 +1314,8 @@ mod tests {
         let now = (started + 61) as u64;
         let local = started + 7200; // 2023-11-15 00:13:20 local
         assert_eq!(estimate_utc_offset(local - 20, 61, now), Some(7200));
-        let input = r#"[{"ID": 1, "Connected at": "2023-11-15 00:13", "_Connected at": " 1m:01s"},
-                {"ID": 2, "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}]"#;
+        let input = r#"[{"ID": 1, "Full session": "GDnAGg6Vqa8411Hw9xjkUEGvwSg=", "Connected at": "2023-11-15 00:13", "_Connected at": " 1m:01s"},
+                {"ID": 2, "Full session": "GDnAGg6Vqa8411Hw9xjkUEGvwSg=", "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}]"#;
         let l = sessions(input.as_bytes(), "show users", now, None).unwrap();
         assert_eq!(l.utc_offset, Some(7200));
         // Minute precision: 22:13:00 UTC.
@@ -1218,7 +1325,7 @@ mod tests {
             parse_local_time("2023-11-10 07:00").unwrap() as u64
         );
         // Only old sessions: nothing to learn from, the hint is used; no hint: 0.
-        let old = r#"[{"ID": 2, "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}]"#;
+        let old = r#"[{"ID": 2, "Full session": "GDnAGg6Vqa8411Hw9xjkUEGvwSg=", "Connected at": "2023-11-10 09:00", "_Connected at": " 5days"}]"#;
         let l = sessions(old.as_bytes(), "show users", now, Some(3600)).unwrap();
         assert_eq!(
             l.sessions[0].session.connected_at,
@@ -1230,6 +1337,7 @@ mod tests {
         let raw = r#"[{"ID": 3, "raw_connected_at": 1234, "Connected at": "2023-11-10 09:00"}]"#;
         let l = sessions(raw.as_bytes(), "show users", now, Some(0)).unwrap();
         assert_eq!(l.sessions[0].session.connected_at, 1234);
+        assert!(l.sessions[0].connected_at_exact);
     }
 
     proptest! {
