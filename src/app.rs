@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::actors::supervisor::{ExitReason, Supervisor, SupervisorArgs};
 use crate::actors::{Context, SUPERVISOR};
-use crate::config::Config;
+use crate::config::{Changes, Config};
 use crate::messages::SupervisorMsg;
 use crate::metrics::Metrics;
 use crate::serve::{Endpoint, Limits, Listener, Protocol};
@@ -231,7 +231,11 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: Se
             r = agent.wait() => break Err(r),
             _ = term.recv() => break Ok("SIGTERM"),
             _ = int.recv() => break Ok("SIGINT"),
-            _ = hup.recv() => reload(&agent.ctx, config_path.clone(), &*set_log_level).await,
+            _ = hup.recv() => {
+                let path = config_path.clone();
+                let load = move || crate::config::load(path.as_deref());
+                let _ = reload(&agent.ctx, load, &*set_log_level).await;
+            }
         }
     };
     let reason = match signalled {
@@ -248,45 +252,47 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: Se
     exit_code(&reason)
 }
 
-/// SIGHUP: re-reads and validates the configuration off the async workers; an invalid one is
-/// logged and the running one kept. Of a valid one, the keys that can change live are applied
-/// at once and the others are named as needing a restart.
-pub async fn reload(
+/// SIGHUP: re-reads and validates the configuration with `load`, off the async workers. An
+/// invalid one is logged and the running one kept (`Err` with the reason). Of a valid one, the
+/// [`crate::config::LIVE_KEYS`] are applied at once and every other changed key keeps its running
+/// value and is named as needing a restart; the returned [`Changes`] says which is which.
+pub async fn reload<L>(
     ctx: &Context,
-    path: Option<PathBuf>,
+    load: L,
     set_log_level: &(dyn Fn(&str) -> Result<(), String> + Send),
-) {
-    let loaded = tokio::task::spawn_blocking(move || crate::config::load(path.as_deref())).await;
-    let new = match loaded {
+) -> Result<Changes, String>
+where
+    L: FnOnce() -> Result<crate::config::Loaded, crate::config::ConfigError> + Send + 'static,
+{
+    let new = match tokio::task::spawn_blocking(load).await {
         Ok(Ok(l)) => l.config,
         Ok(Err(e)) => {
             tracing::error!("SIGHUP: {e}; keeping the running configuration");
-            return;
+            return Err(e.to_string());
         }
         Err(e) => {
             tracing::error!("SIGHUP: reading the configuration failed: {e}");
-            return;
+            return Err(e.to_string());
         }
     };
     let old = ctx.config();
     let changes = crate::config::live_changes(&old, &new);
     if changes.applied.is_empty() && changes.need_restart.is_empty() {
         tracing::info!("SIGHUP: configuration unchanged");
-        return;
+        return Ok(changes);
     }
     if changes.applied.iter().any(|k| k == "log.level") {
         if let Err(e) = set_log_level(&new.log.level) {
             tracing::error!("SIGHUP: cannot apply log.level: {e}");
         }
     }
-    // Keys that need a restart keep their running values.
-    let applied = crate::config::with_live_keys(&old, &new);
-    ctx.reconfigure(applied);
+    ctx.reconfigure(crate::config::with_live_keys(&old, &new));
     tracing::info!(
         applied = ?changes.applied,
         need_restart = ?changes.need_restart,
         "SIGHUP: configuration reloaded"
     );
+    Ok(changes)
 }
 
 #[cfg(test)]
