@@ -33,6 +33,62 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::codec::{self, FrameDecoder};
 use crate::proto::ocserv_ctl as pb;
 
+/// IDs of [`session`]s start here: above Linux's largest possible PID (2^22), so no fake ID
+/// names a process.
+pub const FAKE_ID_BASE: i32 = 10_000_000;
+
+/// Fake sessions per user: users `user00000`, `user00001`, ... each own two.
+pub const SESSIONS_PER_USER: usize = 2;
+
+/// The user of fake session `i`.
+pub fn username(i: usize) -> String {
+    format!("user{:05}", i / SESSIONS_PER_USER)
+}
+
+/// Fake session `i` on tun device `tun`: a `user_info_rep` with every field ocserv 1.1.6 fills
+/// for a connected session, distinct ID, session id and addresses per `i`.
+pub fn session(i: usize, tun: &str) -> pb::UserInfoRep {
+    let n = i as u32;
+    let (a, b) = ((n >> 8) & 0xff, n & 0xff);
+    let mut safe_id = format!("{:0>27}=", format!("S{i}")).into_bytes();
+    safe_id.push(0);
+    pb::UserInfoRep {
+        id: Some(FAKE_ID_BASE + i as i32),
+        username: Some(username(i).into_bytes()),
+        groupname: Some(b"staff".to_vec()),
+        ip: Some(format!("198.51.{a}.{b}")),
+        tun: Some(tun.to_owned()),
+        remote_ip: Some("10.64.0.1".into()),
+        local_ip: Some(format!("10.64.{a}.{b}")),
+        conn_time: Some(1_700_000_000 + u64::from(n)),
+        hostname: Some(format!("laptop-{i}").into_bytes()),
+        user_agent: Some(b"Open AnyConnect VPN Agent v9.12-unknown".to_vec()),
+        status: Some(4),
+        tls_ciphersuite: Some(
+            "(TLS1.3)-(ECDHE-SECP256R1)-(RSA-PSS-RSAE-SHA256)-(AES-256-GCM)".into(),
+        ),
+        dtls_ciphersuite: Some("(DTLS1.2)-(ECDHE-ECDSA)-(AES-256-GCM)".into()),
+        rx_per_sec: Some(1200),
+        tx_per_sec: Some(3400),
+        dns: vec!["10.64.0.53".into()],
+        routes: vec![
+            "10.0.0.0/255.0.0.0".into(),
+            "192.168.0.0/255.255.0.0".into(),
+        ],
+        mtu: Some(1400),
+        cstp_compr: Some(String::new()),
+        dtls_compr: Some(String::new()),
+        local_dev_ip: Some("10.64.0.1".into()),
+        dpd: Some(90),
+        keepalive: Some(32400),
+        restrict_to_routes: Some(false),
+        safe_id: Some(safe_id),
+        vhost: Some(b"default".to_vec()),
+        session_start_time: Some(1_700_000_000 + u64::from(n)),
+        ..Default::default()
+    }
+}
+
 /// What the fake does with one request.
 #[derive(Debug, Clone)]
 pub enum Act {
