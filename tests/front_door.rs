@@ -39,19 +39,12 @@ fn lab(users: &[LabUser]) -> Lab {
     .expect("lab starts")
 }
 
-/// A gRPC channel on a Unix socket (for the health and reflection clients).
+/// A gRPC channel on a Unix socket (for the health and reflection clients), as the CLI opens it.
 async fn channel(path: &Path) -> Channel {
-    let path = path.to_path_buf();
-    tonic::transport::Endpoint::from_static("http://agent.sock")
-        .connect_timeout(Duration::from_secs(3))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
+    let target = ocserv_agent::cli::Target::Socket(path.to_path_buf());
+    ocserv_agent::cli::connect_channel(&target)
         .await
+        .map_err(|e| e.message)
         .expect("connect to the agent's socket")
 }
 

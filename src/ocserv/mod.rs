@@ -479,26 +479,8 @@ mod tests {
     #[test]
     fn key_matches_by_session_id_else_connect_time() {
         let s = |id, sid: Option<&str>, at| Session {
-            id,
             safe_id: sid.map(str::to_owned),
-            username: "alice".into(),
-            groupname: String::new(),
-            state: SessionState::Connected,
-            client_ip: None,
-            vpn_ipv4: None,
-            vpn_ipv6: None,
-            server_ptp_ipv4: None,
-            device: String::new(),
-            connected_at: at,
-            hostname: String::new(),
-            user_agent: String::new(),
-            vhost: String::new(),
-            tls_ciphersuite: String::new(),
-            dtls_ciphersuite: String::new(),
-            mtu: None,
-            dns: Vec::new(),
-            routes: Vec::new(),
-            counters: None,
+            ..crate::registry::tests::session(id, "alice", at)
         };
         let key = s(7, Some("A"), 100).key();
         assert!(key.matches(&s(7, Some("A"), 160)), "the session id decides");
