@@ -431,14 +431,14 @@ impl Activity {
         self.last.store(ms, Ordering::Relaxed);
     }
 
-    fn idle_for(&self) -> Option<Duration> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
+    /// Whether a request is in flight, and the time since the last request started or ended.
+    fn quiet_for(&self) -> (bool, Duration) {
         let now = self.epoch.elapsed().as_millis() as u64;
-        Some(Duration::from_millis(
-            now.saturating_sub(self.last.load(Ordering::Relaxed)),
-        ))
+        let quiet = now.saturating_sub(self.last.load(Ordering::Relaxed));
+        (
+            self.in_flight.load(Ordering::Relaxed) > 0,
+            Duration::from_millis(quiet),
+        )
     }
 }
 
@@ -594,21 +594,24 @@ async fn drive(
     draining: CancellationToken,
 ) {
     loop {
-        // Before the first request the read timeout applies, afterwards the idle timeout.
+        // Before the first request the read timeout applies, afterwards the idle timeout. An
+        // HTTP/1 request (metrics) must be done, response written, within the idle timeout too:
+        // a client that never reads its response does not hold the connection for ever. gRPC
+        // calls are bounded by the edge (`grpc.read_timeout`, `grpc.request_timeout`).
         let limit = if activity.requests.load(Ordering::Relaxed) == 0 {
             limits.read_timeout
         } else {
             limits.idle_timeout
         };
-        let wake = match activity.idle_for() {
-            Some(idle) if idle >= limit => {
+        let wake = match (activity.quiet_for(), limits.protocol) {
+            ((true, quiet), Protocol::Http1) if quiet >= limit => return,
+            ((true, _), Protocol::Http2 { .. }) => limit,
+            ((false, quiet), _) if quiet >= limit => {
                 conn.as_mut().shut_down();
                 let _ = tokio::time::timeout(CLOSE_BOUND, conn.as_mut()).await;
                 return;
             }
-            Some(idle) => limit - idle,
-            // Busy: look again after a full period.
-            None => limit,
+            ((_, quiet), _) => limit - quiet,
         };
         tokio::select! {
             r = conn.as_mut() => {

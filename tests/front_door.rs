@@ -1123,3 +1123,59 @@ async fn health_follows_readiness_and_stale_views_are_not_served() {
     agent::sessions(&mut c, "").await.expect("served again");
     a.shutdown().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 9. The metrics server has the same discipline.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_clients_that_dawdle_or_crowd_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = lab(&[]);
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.metrics.header_timeout = Duration::from_millis(500);
+    cfg.metrics.max_connections = 4;
+    let a = agent::start(cfg).await;
+    // A request whose headers never end is closed after the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(a.metrics_addr)
+        .await
+        .unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "closed, not left open");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t.elapsed()
+    );
+    // Over the connection cap: closed at once and counted; the cap does not block probes for long.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            tokio::net::TcpStream::connect(a.metrics_addr)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut extra = tokio::net::TcpStream::connect(a.metrics_addr)
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(2), extra.read_to_end(&mut buf))
+        .await
+        .expect("the extra connection is closed at once");
+    assert_eq!(n.unwrap_or(0), 0);
+    drop(held);
+    let text = a.metrics.encode();
+    assert!(
+        text.contains(
+            "ocserv_agent_connections_refused_total{listener=\"metrics\",reason=\"limit\"}"
+        ),
+        "{text}"
+    );
+    a.shutdown().await;
+}
