@@ -20,7 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 
-use crate::actors::{serve_on, server_drain, server_handle, AbortOnDrop, Context, ServingState};
+use crate::actors::{serve_on, server_drain, server_handle, Context, ServingState};
 use crate::grpc::VpnAgent;
 use crate::grpc_edge::Edge;
 use crate::messages::ServerMsg;
@@ -91,14 +91,14 @@ impl Actor for GrpcFrontDoor {
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let (routes, reporter) = routes(&ctx)?;
-        let follower: AbortOnDrop = tokio::spawn(follow_readiness(ctx.clone(), reporter)).into();
+        let follower = Box::pin(follow_readiness(ctx.clone(), reporter));
         let edge = Edge::new(routes, ctx.clone());
         Ok(serve_on(
             &myself,
             &ctx,
             ctx.grpc_endpoints.clone(),
             edge,
-            vec![follower],
+            vec![("health_status", follower)],
         ))
     }
 

@@ -166,15 +166,22 @@ pub struct ServingState {
     _tasks: Vec<AbortOnDrop>,
 }
 
-/// Starts serving `service` on each endpoint. When a serving task ends, the actor is told
-/// ([`ServerMsg::Ended`]) and, unless it is draining, fails so the supervisor restarts it: nothing
-/// stops serving while its actor looks alive.
+/// A background task a server actor runs beside its listeners (e.g. health following
+/// readiness), named for the log; it is expected to run as long as the actor.
+pub type Companion = (
+    &'static str,
+    std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+);
+
+/// Starts serving `service` on each endpoint, and the `companions` beside them. When any of these
+/// tasks ends, the actor is told ([`ServerMsg::Ended`]) and, unless it is draining, fails so the
+/// supervisor restarts it: nothing stops serving while its actor looks alive.
 pub fn serve_on<S, B>(
     myself: &ActorRef<ServerMsg>,
     ctx: &Arc<Context>,
     endpoints: Vec<Arc<Endpoint>>,
     service: S,
-    extra: Vec<AbortOnDrop>,
+    companions: Vec<Companion>,
 ) -> ServingState
 where
     S: tower::Service<
@@ -189,7 +196,18 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut tasks = extra;
+    let mut tasks: Vec<AbortOnDrop> = companions
+        .into_iter()
+        .map(|(listener, task)| {
+            let me = myself.clone();
+            tokio::spawn(async move {
+                task.await;
+                let error = Some("background task ended".to_owned());
+                let _ = me.send_message(ServerMsg::Ended { listener, error });
+            })
+            .into()
+        })
+        .collect();
     for ep in &endpoints {
         let (ep, me, svc) = (ep.clone(), myself.clone(), service.clone());
         let (metrics, health) = (ctx.metrics.clone(), ctx.health.clone());
