@@ -3,8 +3,7 @@
 use super::*;
 
 section! {
-    /// `[agent]`: identity and local state.
-    pub struct AgentConfig {
+    "agent" => pub struct AgentConfig {
         /// Names this agent towards the portal (reserved until the portal link lands). 1 to 64
         /// characters from `A-Z a-z 0-9 . _ -`; by default the hostname when it is a valid id,
         /// else `ocserv-agent`.
@@ -16,7 +15,7 @@ section! {
 }
 
 impl AgentConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn rules(&self) -> Result<(), ConfigError> {
         check_id(&self.id).or_else(|reason| fail("agent.id", reason))?;
         absolute("agent.state_dir", &self.state_dir)
     }
@@ -31,15 +30,11 @@ pub fn default_agent_id() -> String {
         .unwrap_or_else(|| "ocserv-agent".to_owned())
 }
 
-pub(super) fn check_id(id: &str) -> Result<(), String> {
+fn check_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 64 {
         return Err(format!("must be 1 to 64 characters long, got {}", id.len()));
     }
     let bad = |c: &char| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-    match id.chars().find(bad) {
-        Some(c) => Err(format!(
-            "character {c:?} not allowed (use A-Z a-z 0-9 . _ -)"
-        )),
-        None => Ok(()),
-    }
+    let why = |c: char| format!("character {c:?} not allowed (use A-Z a-z 0-9 . _ -)");
+    id.chars().find(bad).map_or(Ok(()), |c| Err(why(c)))
 }

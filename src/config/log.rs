@@ -1,12 +1,9 @@
 //! `[log]`: what is logged and how. `RUST_LOG`, when set, wins over `level`.
 
-use serde::Deserializer;
-
 use super::*;
 
 section! {
-    /// `[log]`.
-    pub struct LogConfig {
+    "log" => pub struct LogConfig {
         /// Least severe level logged: `trace`, `debug`, `info`, `warn` or `error` (any case,
         /// stored lowercase).
         #[serde(deserialize_with = "lowercase")]
@@ -25,18 +22,13 @@ pub enum LogFormat {
 }
 
 impl LogConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn rules(&self) -> Result<(), ConfigError> {
         const LEVELS: [&str; 5] = ["trace", "debug", "info", "warn", "error"];
-        match LEVELS.contains(&self.level.as_str()) {
+        let (levels, level) = (LEVELS.join(", "), &self.level);
+        let why = format!("expected one of: {levels}, got {level:?}");
+        match LEVELS.contains(&level.as_str()) {
             true => Ok(()),
-            false => fail(
-                "log.level",
-                format!(
-                    "expected one of: {}, got {:?}",
-                    LEVELS.join(", "),
-                    self.level
-                ),
-            ),
+            false => fail("log.level", why),
         }
     }
 }

@@ -1,11 +1,10 @@
 //! Agent configuration: load, check and type it before anything starts (DESIGN §8).
 //!
 //! Inputs: an optional TOML file (by default [`DEFAULT_PATH`]) and environment overrides named
-//! `OCSERV_AGENT__<SECTION>__<KEY>`, which win over the file. Each section is one typed struct in
-//! its own file: its doc comments document the keys, its `Default` holds the defaults, its
-//! `validate` checks them, and serde loads it (`deny_unknown_fields`) and prints it. Nothing
-//! lists the keys again: the key list, the type an environment value is parsed into and the keys
-//! a reload changed all come from the serialized structs ([`Config::entries`]).
+//! `OCSERV_AGENT__<SECTION>__<KEY>`, which win over the file. Each section is one `section!` in
+//! its own file, where each key is written once (doc comment, type, default, range), followed by
+//! the rules that span keys. Serde loads it (`deny_unknown_fields`) and prints it; the key list,
+//! the type of an environment value and the keys a reload changed come from [`Config::entries`].
 //!
 //! The `config` crate reads the file and layers the overrides on it; the merged tree is then
 //! deserialized strictly (a TOML integer is not a string). Environment values are strings, typed
@@ -17,12 +16,15 @@
 //! the binary exits with [`EXIT_CONFIG`]. Nothing panics on outside input. [`load`] re-validates
 //! from scratch (SIGHUP); [`live_changes`] says what of a difference applies without a restart.
 
-/// One `[section]`: a struct whose keys each carry their doc comment, serde attributes, type
-/// and default in one place (`key: Type = default,`); `Default` is built from those defaults.
+/// One `[section]`, named by its table: each key with its doc comment (required), serde
+/// attributes, type, default and optional range: `key: Type = default,` or `key: Type = default,
+/// in lo..=hi,`. Builds the struct, its `Default`, and `validate`: the ranges (errors name
+/// `section.key`), then the section's own `rules`.
 macro_rules! section {
-    ($(#[$m:meta])* pub struct $name:ident {
-        $($(#[$a:meta])* $key:ident: $ty:ty = $default:expr,)*
+    ($section:literal => $(#[$m:meta])* pub struct $name:ident {
+        $($(#[$a:meta])+ $key:ident: $ty:ty = $default:expr $(, in $range:expr)?,)*
     }) => {
+        #[doc = concat!("The `[", $section, "]` table.")]
         $(#[$m])*
         #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
         #[serde(default, deny_unknown_fields)]
@@ -31,6 +33,14 @@ macro_rules! section {
         impl Default for $name {
             fn default() -> Self {
                 Self { $($key: $default,)* }
+            }
+        }
+
+        impl $name {
+            /// Every check of the section: the ranges of its keys, then its other rules.
+            pub fn validate(&self) -> Result<(), ConfigError> {
+                $($(in_range(concat!($section, ".", stringify!($key)), self.$key, $range)?;)?)*
+                self.rules()
             }
         }
     };
@@ -42,16 +52,18 @@ mod log;
 mod metrics;
 mod ocserv;
 mod supervisor;
-#[cfg(test)]
-mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+/// Durations read and written in human form ("250ms", "1m 30s"): `#[serde(with = "human")]`.
+use humantime_serde as human;
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value as Json};
 
 pub use agent::{default_agent_id, AgentConfig};
@@ -146,17 +158,15 @@ pub struct Changes {
 /// The keys whose value differs between `old` and `new`, split by [`LIVE_KEYS`].
 pub fn live_changes(old: &Config, new: &Config) -> Changes {
     let old = old.entries();
-    let changed = new
-        .entries()
-        .into_iter()
-        .filter(|(k, v)| old.get(k) != Some(v));
-    let (applied, need_restart) = changed
-        .map(|(k, _)| k)
-        .partition(|k| LIVE_KEYS.contains(&k.as_str()));
-    Changes {
-        applied,
-        need_restart,
+    let mut changes = Changes::default();
+    let changed = |(k, v): &(String, Json)| old.get(k) != Some(v);
+    for (key, _) in new.entries().into_iter().filter(changed) {
+        match LIVE_KEYS.contains(&key.as_str()) {
+            true => changes.applied.push(key),
+            false => changes.need_restart.push(key),
+        }
     }
+    changes
 }
 
 /// `old` with the [`LIVE_KEYS`] taken from `new`: what a running agent switches to on SIGHUP
@@ -201,13 +211,11 @@ pub struct Loaded {
 impl Loaded {
     /// One line for the startup log: the source and the keys left at their defaults.
     pub fn summary(&self) -> String {
+        let list = self.defaults_used.join(", ");
         let defaults = match self.defaults_used.len() {
             0 => "no embedded defaults used".to_owned(),
             n if n == self.config.entries().len() => "embedded defaults used for every key".into(),
-            _ => format!(
-                "embedded defaults used for: {}",
-                self.defaults_used.join(", ")
-            ),
+            _ => format!("embedded defaults used for: {list}"),
         };
         format!("configuration from {}; {defaults}", self.source)
     }
@@ -226,8 +234,7 @@ impl Loaded {
         // A path could hold a newline; keep the header one comment line.
         let mut out = format!("# {}\n", self.summary().replace('\n', " "));
         let mut current = "";
-        let entries = self.config.entries();
-        for (dotted, value) in &entries {
+        for (dotted, value) in &self.config.entries() {
             let (section, key) = dotted.split_once('.').unwrap_or_default();
             if section != current {
                 out += &format!("\n[{section}]\n");
@@ -243,8 +250,7 @@ impl Loaded {
     }
 }
 
-/// A value in TOML syntax: JSON strings, numbers and arrays are TOML too, but TOML wants DEL
-/// escaped.
+/// A value in TOML syntax: JSON strings, numbers and arrays are TOML, once DEL is escaped.
 fn toml_value(v: &Json) -> String {
     match v {
         Json::Null => "(not set)".to_owned(),
@@ -282,7 +288,8 @@ pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Lo
 }
 
 /// The loader, with the default path as a parameter so tests do not depend on the machine's /etc.
-fn load_from(
+#[doc(hidden)]
+pub fn load_from(
     path: Option<&Path>,
     default: &Path,
     env: &[(String, String)],
@@ -326,9 +333,8 @@ fn load_from(
             .is_some_and(|t| t.contains_key(key))
     };
     let defaults_used = defaults.into_keys().filter(|k| !set(k)).collect();
-    let source = file.map_or(ConfigSource::EmbeddedDefaults, |p| {
-        ConfigSource::File(p.into())
-    });
+    let source = file.map(|p| ConfigSource::File(p.into()));
+    let source = source.unwrap_or(ConfigSource::EmbeddedDefaults);
     Ok(Loaded {
         config,
         source,
@@ -341,9 +347,7 @@ fn check_file(p: &Path) -> Result<(), ConfigError> {
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() => Ok(()),
         Ok(_) => fail(key, "not a regular file"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            fail(key, "configuration file not found")
-        }
+        Err(e) if e.kind() == ErrorKind::NotFound => fail(key, "configuration file not found"),
         Err(e) => fail(key, format!("cannot read: {e}")),
     }
 }
@@ -373,10 +377,10 @@ fn env_key(var: &str) -> Option<String> {
 /// the `config` crate lowercases them and would silently ignore a misspelt one.
 type Overrides = BTreeMap<String, (String, String)>;
 
-fn env_overrides(
-    env: &[(String, String)],
-    keys: &BTreeMap<String, Json>,
-) -> Result<Overrides, ConfigError> {
+/// Every key as `section.key` with its default value: what names a key.
+type Keys = BTreeMap<String, Json>;
+
+fn env_overrides(env: &[(String, String)], keys: &Keys) -> Result<Overrides, ConfigError> {
     let mut out = Overrides::new();
     for (var, value) in env {
         let Some(rest) = env_key(var) else { continue };
@@ -397,25 +401,18 @@ fn env_overrides(
 }
 
 /// Why `name` (a section, or `section.key`) names nothing, with what would have been known.
-fn unknown(keys: &BTreeMap<String, Json>, name: &str) -> Option<String> {
+fn unknown(keys: &Keys, name: &str) -> Option<String> {
     let all = || keys.keys().filter_map(|k| k.split_once('.'));
     let section = name.split('.').next().unwrap_or_default();
+    let in_section = all().filter(|(s, _)| *s == section).map(|(_, k)| k);
     let (what, mut known): (_, Vec<_>) = match all().any(|(s, _)| s == section) {
-        true if name.contains('.') && !keys.contains_key(name) => (
-            "key",
-            all()
-                .filter(|(s, _)| *s == section)
-                .map(|(_, k)| k)
-                .collect(),
-        ),
+        true if name.contains('.') && !keys.contains_key(name) => ("key", in_section.collect()),
         true => return None,
         false => ("section", all().map(|(s, _)| s).collect()),
     };
     known.dedup();
-    Some(format!(
-        "unknown {what} (expected one of: {})",
-        known.join(", ")
-    ))
+    let known = known.join(", ");
+    Some(format!("unknown {what} (expected one of: {known})"))
 }
 
 /// A `config` crate value as JSON, keeping its type.
@@ -454,7 +451,7 @@ fn coerce(raw: &str, default: &Json) -> Json {
 }
 
 /// The first (sorted) section or key whose value alone fails to deserialize, and why.
-fn culprit(tree: &Map<String, Json>, keys: &BTreeMap<String, Json>) -> Option<(String, String)> {
+fn culprit(tree: &Map<String, Json>, keys: &Keys) -> Option<(String, String)> {
     let alone =
         |name: &str, value: &Json| Json::Object(Map::from_iter([(name.into(), value.clone())]));
     let fails = |section: &str, v: &Json| serde_json::from_value::<Config>(alone(section, v)).err();
@@ -509,13 +506,8 @@ fn reason(e: &serde_json::Error, got: &Json) -> String {
 /// `key` must be an absolute path without NUL bytes.
 fn absolute(key: &str, p: &Path) -> Result<(), ConfigError> {
     if !p.is_absolute() {
-        return fail(
-            key,
-            format!(
-                "must be an absolute path, got {:?}",
-                p.display().to_string()
-            ),
-        );
+        let got = p.display().to_string();
+        return fail(key, format!("must be an absolute path, got {got:?}"));
     }
     match p.as_os_str().as_encoded_bytes().contains(&0) {
         true => fail(key, "must not contain a NUL byte"),
@@ -523,33 +515,28 @@ fn absolute(key: &str, p: &Path) -> Result<(), ConfigError> {
     }
 }
 
-/// `key` must lie in `range`, all three shown by `show`.
-fn within<T: PartialOrd + Copy, D: fmt::Display>(
-    key: &str,
-    v: T,
-    range: RangeInclusive<T>,
-    show: fn(T) -> D,
-) -> Result<(), ConfigError> {
-    let (lo, hi) = (show(*range.start()), show(*range.end()));
-    match range.contains(&v) {
-        true => Ok(()),
-        false => fail(
-            key,
-            format!("must be between {lo} and {hi}, got {}", show(v)),
-        ),
+/// A key type that can carry a range in [`section!`]; `show` is how a value reads in an error.
+trait Ranged: PartialOrd + Copy + fmt::Debug {
+    fn show(self) -> String {
+        format!("{self:?}")
     }
 }
 
-fn number<T: PartialOrd + Copy + fmt::Display>(
-    key: &str,
-    v: T,
-    range: RangeInclusive<T>,
-) -> Result<(), ConfigError> {
-    within(key, v, range, |n| n)
+impl Ranged for u32 {}
+impl Ranged for usize {}
+impl Ranged for Duration {
+    fn show(self) -> String {
+        humantime::format_duration(self).to_string()
+    }
 }
 
-fn duration(key: &str, v: Duration, range: RangeInclusive<Duration>) -> Result<(), ConfigError> {
-    within(key, v, range, humantime::format_duration)
+/// `key` must lie in `range`: "must be between X and Y, got Z".
+fn in_range<T: Ranged>(key: &str, v: T, range: RangeInclusive<T>) -> Result<(), ConfigError> {
+    let (lo, hi, got) = (range.start().show(), range.end().show(), v.show());
+    match range.contains(&v) {
+        true => Ok(()),
+        false => fail(key, format!("must be between {lo} and {hi}, got {got}")),
+    }
 }
 
 const fn ms(n: u64) -> Duration {

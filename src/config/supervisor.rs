@@ -8,69 +8,44 @@ use crate::backoff::Backoff;
 pub const RESTART_BACKOFF_MULTIPLIER: f64 = 2.0;
 
 section! {
-    /// `[supervisor]`. Durations: 1ms to 1h.
-    pub struct SupervisorConfig {
+    "supervisor" => pub struct SupervisorConfig {
         /// First delay before restarting a failed actor; each further restart doubles it (with
         /// jitter) up to `restart_backoff_max`.
-        #[serde(with = "humantime_serde")] restart_backoff_initial: Duration = ms(1),
+        #[serde(with = "human")] restart_backoff_initial: Duration = ms(1), in ms(1)..=secs(3600),
         /// Longest delay between restarts of a failing actor; not below the initial one.
-        #[serde(with = "humantime_serde")] restart_backoff_max: Duration = secs(5),
+        #[serde(with = "human")] restart_backoff_max: Duration = secs(5), in ms(1)..=secs(3600),
         /// More than this many restarts within `restart_window` make the agent exit non-zero
         /// (systemd then restarts the process); at least 1.
         restart_intensity: u32 = 5,
         /// The sliding window in which `restart_intensity` is counted.
-        #[serde(with = "humantime_serde")] restart_window: Duration = secs(30),
+        #[serde(with = "human")] restart_window: Duration = secs(30), in ms(1)..=secs(3600),
         /// On shutdown, how long actors get to finish before the process exits anyway.
-        #[serde(with = "humantime_serde")] shutdown_grace: Duration = secs(10),
+        #[serde(with = "human")] shutdown_grace: Duration = secs(10), in ms(1)..=secs(3600),
         /// Deadline of every call from one actor to another.
-        #[serde(with = "humantime_serde")] call_timeout: Duration = secs(2),
+        #[serde(with = "human")] call_timeout: Duration = secs(2), in ms(1)..=secs(3600),
     }
 }
 
 impl SupervisorConfig {
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    fn rules(&self) -> Result<(), ConfigError> {
         let (initial, max) = (self.restart_backoff_initial, self.restart_backoff_max);
-        duration(
-            "supervisor.restart_backoff_initial",
-            initial,
-            ms(1)..=secs(3600),
-        )?;
-        duration("supervisor.restart_backoff_max", max, ms(1)..=secs(3600))?;
         if max < initial {
-            let (i, m) = (
-                humantime::format_duration(initial),
-                humantime::format_duration(max),
-            );
+            let (i, m) = (initial.show(), max.show());
             let why =
                 format!("must not be below supervisor.restart_backoff_initial ({i}), got {m}");
             return fail("supervisor.restart_backoff_max", why);
         }
-        if self.restart_intensity == 0 {
-            return fail("supervisor.restart_intensity", "must be at least 1, got 0");
+        match self.restart_intensity {
+            0 => fail("supervisor.restart_intensity", "must be at least 1, got 0"),
+            _ => Ok(()),
         }
-        duration(
-            "supervisor.restart_window",
-            self.restart_window,
-            ms(1)..=secs(3600),
-        )?;
-        duration(
-            "supervisor.shutdown_grace",
-            self.shutdown_grace,
-            ms(1)..=secs(3600),
-        )?;
-        duration(
-            "supervisor.call_timeout",
-            self.call_timeout,
-            ms(1)..=secs(3600),
-        )
     }
 
     /// The restart backoff. Validated configs always satisfy [`Backoff::new`]; hand-built
     /// values are first clamped into its rules (initial > 0, max >= initial), so this never fails.
     pub fn backoff(&self) -> Backoff {
-        let initial = Some(self.restart_backoff_initial)
-            .filter(|d| !d.is_zero())
-            .unwrap_or(ms(1));
+        let initial = self.restart_backoff_initial;
+        let initial = if initial.is_zero() { ms(1) } else { initial };
         let max = self.restart_backoff_max.max(initial);
         Backoff::new(initial, max, RESTART_BACKOFF_MULTIPLIER)
             .or_else(|_| Backoff::new(ms(1), secs(5), RESTART_BACKOFF_MULTIPLIER))

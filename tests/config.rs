@@ -1,7 +1,14 @@
-use super::*;
-use crate::ocserv::BackendKind;
+//! The configuration loader through its public API: defaults, file, environment overrides, and
+//! an error naming the key (or the variable, or the file) for every kind of bad input. Hermetic:
+//! every load gets an explicit environment and a default path that does not exist.
 
-const EXAMPLE: &str = include_str!("../../examples/agent.toml");
+use std::path::Path;
+use std::time::Duration;
+
+use ocserv_agent::config::*;
+use ocserv_agent::ocserv::BackendKind;
+
+const EXAMPLE: &str = include_str!("../examples/agent.toml");
 
 /// "No file anywhere", independent of the machine's /etc; tests never read the process env.
 const NO_DEFAULT: &str = "/nonexistent/ocserv-agent-test/agent.toml";
@@ -23,6 +30,14 @@ fn load_text(text: &str, vars: &[(&str, &str)]) -> Result<Loaded, ConfigError> {
     let path = dir.path().join("agent.toml");
     std::fs::write(&path, text).unwrap();
     load_from(Some(&path), Path::new(NO_DEFAULT), &env(vars))
+}
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 fn all_keys() -> Vec<String> {
@@ -47,7 +62,7 @@ fn embedded_defaults_without_a_file() {
     assert_eq!(l.source, ConfigSource::EmbeddedDefaults);
     assert_eq!(l.defaults_used, all_keys());
     assert_eq!(l.config.agent.id, default_agent_id());
-    assert!(agent::check_id(&l.config.agent.id).is_ok());
+    assert_eq!(l.config.agent.validate(), Ok(()), "the default id is valid");
     // The loader and the Default impls agree; the example test below pins every value.
     assert_eq!(l.config, Config::default());
     assert!(l.summary().contains("every key"), "{}", l.summary());
