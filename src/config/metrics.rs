@@ -10,7 +10,8 @@ section! {
         allow_non_loopback: bool = false,
         /// Connections open at once; one over the cap is closed at once.
         max_connections: usize = 256, in 1..=1_000_000,
-        /// A connection with no request for this long is closed.
+        /// A connection with no request for this long is closed; so is one whose request is not
+        /// answered (response written) within it.
         #[serde(with = "human")] idle_timeout: Duration = secs(30), in secs(1)..=secs(86_400),
         /// How long a request's headers may take to arrive.
         #[serde(with = "human")] header_timeout: Duration = secs(5), in ms(100)..=secs(300),
