@@ -146,10 +146,8 @@ where
     }
     let unary = path.starts_with(AGENT_SERVICE) || path == HEALTH_CHECK;
     if !unary {
-        let req = req.map(tonic::body::Body::new);
-        return match inner.call(req).await {
-            Ok(r) => r,
-        };
+        let Ok(resp) = inner.call(req.map(tonic::body::Body::new)).await;
+        return resp;
     }
     let (parts, body) = req.into_parts();
     let read_timeout = cfg.grpc.read_timeout;
