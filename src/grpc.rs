@@ -324,28 +324,38 @@ impl VpnAgent {
             Some(req.username_filter)
         };
         let include_stats = req.include_stats;
-        let view: SessionsView = call(SESSION_REGISTRY, self.call_timeout, true, |reply| {
-            RegistryMsg::Query {
-                username: username.clone(),
-                reply,
-            }
-        })
-        .await
-        .map_err(actor_status)?;
-        let cfg = self.ctx.config();
-        check_fresh(&view, cfg.ocserv.reconcile_interval)?;
-        // Bound the memory of replies being built and sent at once; the permit travels with the
-        // response until it has been written (see `grpc_edge`).
-        let count = view.sessions.len();
-        let cost = reply_cost_kib(count);
-        let permit = self
-            .ctx
-            .reply_gate
-            .enter_many(cost, cfg.grpc.request_timeout / 2)
+        let query = || async {
+            let view: SessionsView = call(SESSION_REGISTRY, self.call_timeout, true, |reply| {
+                RegistryMsg::Query {
+                    username: username.clone(),
+                    reply,
+                }
+            })
             .await
-            .map_err(|e| {
-                Status::resource_exhausted(format!("too many large replies in flight: {e}"))
-            })?;
+            .map_err(actor_status)?;
+            check_fresh(&view, self.ctx.config().ocserv.reconcile_interval)?;
+            Ok::<_, Status>(view)
+        };
+        let mut view = query().await?;
+        // Bound the memory of replies being built and sent at once; the permit travels with the
+        // response until it has been written (see `grpc_edge`). A caller that has to wait for
+        // room does not hold its view meanwhile (at 10 000 sessions each is 80 KB of pointers,
+        // times every waiting caller): it asks again once it has the room.
+        let cost = reply_cost_kib(view.sessions.len());
+        let gate = &self.ctx.reply_gate;
+        let permit = match gate.enter_many(cost, Duration::ZERO).await {
+            Ok(p) => p,
+            Err(_) => {
+                drop(view);
+                let wait = self.ctx.config().grpc.request_timeout / 2;
+                let p = gate.enter_many(cost, wait).await.map_err(|e| {
+                    Status::resource_exhausted(format!("too many large replies in flight: {e}"))
+                })?;
+                view = query().await?;
+                p
+            }
+        };
+        let count = view.sessions.len();
         let build = move || {
             let sessions: Vec<pb::VpnSession> = view
                 .sessions

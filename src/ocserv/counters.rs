@@ -50,11 +50,37 @@ pub fn read(device: &str, worker_pid: u32, connected_at: u64) -> Option<ByteCoun
     read_from(
         Path::new("/sys/class/net"),
         Path::new("/proc"),
-        clock_ticks_per_sec()?,
+        Clock::system()?,
         device,
         worker_pid,
         connected_at,
     )
+}
+
+/// What turns a process's start (clock ticks since boot) into unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// The kernel's `USER_HZ`.
+    pub ticks_per_sec: u64,
+    /// `btime` of `/proc/stat`: boot time, unix seconds.
+    pub boot_time: u64,
+}
+
+impl Clock {
+    /// This system's clock, read once: neither value changes while the system runs, and reading
+    /// `/proc/stat` for every session of a large list is measurable (`ocserv_list` bench).
+    pub fn system() -> Option<Clock> {
+        static SYSTEM: std::sync::OnceLock<Option<Clock>> = std::sync::OnceLock::new();
+        *SYSTEM.get_or_init(|| Clock::of(Path::new("/proc")))
+    }
+
+    /// The clock as seen under `proc_root`.
+    pub fn of(proc_root: &Path) -> Option<Clock> {
+        Some(Clock {
+            ticks_per_sec: clock_ticks_per_sec()?,
+            boot_time: parse_btime(&std::fs::read_to_string(proc_root.join("stat")).ok()?)?,
+        })
+    }
 }
 
 /// The kernel's `USER_HZ` (the unit of `/proc/<pid>/stat` times), `None` if unknown.
@@ -71,7 +97,7 @@ pub fn clock_ticks_per_sec() -> Option<u64> {
 pub fn read_from(
     sys_class_net: &Path,
     proc_root: &Path,
-    ticks_per_sec: u64,
+    clock: Clock,
     device: &str,
     worker_pid: u32,
     connected_at: u64,
@@ -97,7 +123,7 @@ pub fn read_from(
     if worker_pid == 0 {
         return None;
     }
-    if !started_by(proc_root, ticks_per_sec, worker_pid, connected_at) {
+    if !started_by(proc_root, clock, worker_pid, connected_at) {
         return None;
     }
     let text = std::fs::read_to_string(
@@ -113,24 +139,23 @@ pub fn read_from(
 /// True when the process `pid` under `proc_root` started no later than `connected_at` (unix
 /// seconds) plus [`START_SLACK_SECS`]; false when that cannot be told (unknown connect time,
 /// process gone, unreadable files).
-pub fn started_by(proc_root: &Path, ticks_per_sec: u64, pid: u32, connected_at: u64) -> bool {
+pub fn started_by(proc_root: &Path, clock: Clock, pid: u32, connected_at: u64) -> bool {
     if connected_at == 0 {
         return false;
     }
-    process_start_time(proc_root, ticks_per_sec, pid)
+    process_start_time(proc_root, clock, pid)
         .is_some_and(|start| start <= connected_at.saturating_add(START_SLACK_SECS))
 }
 
-/// When process `pid` started, in unix seconds (rounded down): `btime` of `/proc/stat` plus
-/// field 22 of `/proc/<pid>/stat` divided by `ticks_per_sec`.
-pub fn process_start_time(proc_root: &Path, ticks_per_sec: u64, pid: u32) -> Option<u64> {
-    if ticks_per_sec == 0 {
+/// When process `pid` started, in unix seconds (rounded down): the boot time plus field 22 of
+/// `/proc/<pid>/stat` divided by the tick rate.
+pub fn process_start_time(proc_root: &Path, clock: Clock, pid: u32) -> Option<u64> {
+    if clock.ticks_per_sec == 0 {
         return None;
     }
     let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
     let ticks = parse_stat_start_ticks(&stat)?;
-    let btime = parse_btime(&std::fs::read_to_string(proc_root.join("stat")).ok()?)?;
-    btime.checked_add(ticks / ticks_per_sec)
+    clock.boot_time.checked_add(ticks / clock.ticks_per_sec)
 }
 
 /// Field 22 (`starttime`, clock ticks after boot) of a `/proc/<pid>/stat` line.
@@ -241,6 +266,10 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
     /// Boot time of the fake /proc tree.
     const BTIME: u64 = 1_700_000_000;
     const HZ: u64 = 100;
+    const CLOCK: Clock = Clock {
+        ticks_per_sec: HZ,
+        boot_time: BTIME,
+    };
 
     /// A `/proc/<pid>/stat` line whose process started `secs` after boot; the command name has
     /// spaces and parentheses, as real ones can.
@@ -280,7 +309,7 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         let (_dir, sys, proc_root) = fake_tree();
         let at = BTIME + 130;
         assert_eq!(
-            read_from(&sys, &proc_root, HZ, "vpns0", 77, at),
+            read_from(&sys, &proc_root, CLOCK, "vpns0", 77, at),
             Some(ByteCounters {
                 bytes_in: 100,
                 bytes_out: 200
@@ -288,17 +317,17 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         );
         // Not in "our" namespace: falls back to the worker's view.
         assert_eq!(
-            read_from(&sys, &proc_root, HZ, "veth-srv", 77, at),
+            read_from(&sys, &proc_root, CLOCK, "veth-srv", 77, at),
             Some(ByteCounters {
                 bytes_in: 12_345_678_901_234,
                 bytes_out: 42
             })
         );
-        assert_eq!(read_from(&sys, &proc_root, HZ, "veth-srv", 79, at), None);
-        assert_eq!(read_from(&sys, &proc_root, HZ, "veth-srv", 0, at), None);
+        assert_eq!(read_from(&sys, &proc_root, CLOCK, "veth-srv", 79, at), None);
+        assert_eq!(read_from(&sys, &proc_root, CLOCK, "veth-srv", 0, at), None);
         // A refused name is never looked up, even if such a path exists.
         assert_eq!(
-            read_from(&sys, &proc_root, HZ, "../sys/vpns0", 77, at),
+            read_from(&sys, &proc_root, CLOCK, "../sys/vpns0", 77, at),
             None
         );
     }
@@ -309,24 +338,34 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         // Session connected at BTIME+130: process 78 (started at BTIME+5000) holds a recycled
         // PID, its net/dev is not the session's.
         assert_eq!(
-            read_from(&sys, &proc_root, HZ, "veth-srv", 78, BTIME + 130),
+            read_from(&sys, &proc_root, CLOCK, "veth-srv", 78, BTIME + 130),
             None
         );
         // Process 77 started at BTIME+100: fine up to the slack, refused beyond it.
-        assert!(read_from(&sys, &proc_root, HZ, "veth-srv", 77, BTIME + 100).is_some());
-        assert!(read_from(&sys, &proc_root, HZ, "veth-srv", 77, BTIME + 98).is_some());
+        assert!(read_from(&sys, &proc_root, CLOCK, "veth-srv", 77, BTIME + 100).is_some());
+        assert!(read_from(&sys, &proc_root, CLOCK, "veth-srv", 77, BTIME + 98).is_some());
         assert_eq!(
-            read_from(&sys, &proc_root, HZ, "veth-srv", 77, BTIME + 97),
+            read_from(&sys, &proc_root, CLOCK, "veth-srv", 77, BTIME + 97),
             None
         );
         // Unknown connect time or tick rate: cannot check, no counters from /proc.
-        assert_eq!(read_from(&sys, &proc_root, HZ, "veth-srv", 77, 0), None);
+        assert_eq!(read_from(&sys, &proc_root, CLOCK, "veth-srv", 77, 0), None);
         assert_eq!(
-            read_from(&sys, &proc_root, 0, "veth-srv", 77, BTIME + 130),
+            read_from(
+                &sys,
+                &proc_root,
+                Clock {
+                    ticks_per_sec: 0,
+                    ..CLOCK
+                },
+                "veth-srv",
+                77,
+                BTIME + 130
+            ),
             None
         );
         // The sysfs path needs no PID and is not affected.
-        assert!(read_from(&sys, &proc_root, HZ, "vpns0", 78, BTIME + 130).is_some());
+        assert!(read_from(&sys, &proc_root, CLOCK, "vpns0", 78, BTIME + 130).is_some());
     }
 
     #[test]
@@ -339,15 +378,16 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         assert_eq!(parse_btime("cpu 1\nbtimex 1\n"), None);
         assert_eq!(parse_btime("btime soon\n"), None);
         let (_dir, _sys, proc_root) = fake_tree();
-        assert_eq!(process_start_time(&proc_root, HZ, 77), Some(BTIME + 100));
-        assert_eq!(process_start_time(&proc_root, HZ, 79), None);
+        assert_eq!(process_start_time(&proc_root, CLOCK, 77), Some(BTIME + 100));
+        assert_eq!(process_start_time(&proc_root, CLOCK, 79), None);
     }
 
     #[test]
     fn this_process_is_checked_against_the_real_proc() {
         let pid = std::process::id();
-        let hz = clock_ticks_per_sec().expect("CLK_TCK");
-        let start = process_start_time(Path::new("/proc"), hz, pid).expect("own start time");
+        let clock = Clock::system().expect("CLK_TCK and btime");
+        assert_eq!(Clock::of(Path::new("/proc")), Some(clock));
+        let start = process_start_time(Path::new("/proc"), clock, pid).expect("own start time");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
@@ -360,9 +400,9 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         // after this process started, refused for one that "connected" long before.
         let nowhere = Path::new("/nonexistent");
         let proc_root = Path::new("/proc");
-        assert!(read_from(nowhere, proc_root, hz, "lo", pid, now).is_some());
+        assert!(read_from(nowhere, proc_root, clock, "lo", pid, now).is_some());
         assert_eq!(
-            read_from(nowhere, proc_root, hz, "lo", pid, start - 60),
+            read_from(nowhere, proc_root, clock, "lo", pid, start - 60),
             None
         );
     }
