@@ -338,7 +338,7 @@ async fn latency() -> SessionsView {
     let synced = wait_listed(&mut c.socket, SESSIONS, Duration::from_secs(60)).await;
     println!("registry synced with {SESSIONS} sessions ({synced:?} after start)");
 
-    let user = common::fake_username(5000);
+    let user = ocserv_agent::ocserv::fake::username(5000);
     let user = user.as_str();
     let variants = [
         Variant {
@@ -780,7 +780,7 @@ fn memory(rt: &tokio::runtime::Runtime, returning_malloc: bool) -> MemoryRun {
         }
         // One small call per connection, so every connection is open before the first round.
         for c in &mut clients {
-            timed_call(c, &common::fake_username(0), false).await;
+            timed_call(c, &ocserv_agent::ocserv::fake::username(0), false).await;
         }
         println!(
             "{:<7} {:>6} {:>5} {:>6} {:>6} {:>9} {:>12} {:>14} {:>12} {:>10} {:>10}",

@@ -1,5 +1,6 @@
 //! Every message the actors exchange. Requests carry an [`RpcReplyPort`] and are sent with
-//! [`crate::actors::call`], which bounds every call with a timeout.
+//! `actors::call`, which bounds every call with a timeout (this module stays below the actors:
+//! it imports nothing from them).
 //!
 //! Each actor also takes a `Crash` message: it makes the actor's handler panic, which the
 //! supervisor sees as `ActorFailed`. It is reachable only from inside the process (chaos tests);

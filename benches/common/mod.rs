@@ -222,59 +222,12 @@ pub enum Devices {
     Loopback,
 }
 
-/// IDs start here: above Linux's largest possible PID (2^22), so no fake ID names a process.
-pub const FAKE_ID_BASE: i32 = 10_000_000;
-
-/// Sessions per user in the fake: users `user00000` .. each own two sessions.
-pub const SESSIONS_PER_USER: usize = 2;
-
-pub fn fake_username(i: usize) -> String {
-    format!("user{:05}", i / SESSIONS_PER_USER)
-}
-
-/// One `user_info_rep` with every field ocserv 1.1.6 fills for a connected session.
+/// One `user_info_rep` with every field ocserv 1.1.6 fills for a connected session (the
+/// library's [`fake::session`]) on the tun device `devices` names.
 pub fn fake_session(i: usize, devices: Devices) -> pb::UserInfoRep {
-    let n = i as u32;
-    let (a, b) = ((n >> 8) & 0xff, n & 0xff);
-    let mut safe_id = format!("{:0>27}=", format!("S{i}")).into_bytes();
-    safe_id.push(0);
-    pb::UserInfoRep {
-        id: Some(FAKE_ID_BASE + i as i32),
-        username: Some(fake_username(i).into_bytes()),
-        groupname: Some(b"staff".to_vec()),
-        ip: Some(format!("198.51.{a}.{b}")),
-        tun: Some(match devices {
-            Devices::Missing => format!("vpns{i}"),
-            Devices::Loopback => "lo".to_owned(),
-        }),
-        remote_ip: Some("10.64.0.1".into()),
-        local_ip: Some(format!("10.64.{a}.{b}")),
-        conn_time: Some(1_700_000_000 + u64::from(n)),
-        hostname: Some(format!("laptop-{i}").into_bytes()),
-        user_agent: Some(b"Open AnyConnect VPN Agent v9.12-unknown".to_vec()),
-        status: Some(4),
-        tls_ciphersuite: Some(
-            "(TLS1.3)-(ECDHE-SECP256R1)-(RSA-PSS-RSAE-SHA256)-(AES-256-GCM)".into(),
-        ),
-        dtls_ciphersuite: Some("(DTLS1.2)-(ECDHE-ECDSA)-(AES-256-GCM)".into()),
-        rx_per_sec: Some(1200),
-        tx_per_sec: Some(3400),
-        dns: vec!["10.64.0.53".into()],
-        routes: vec![
-            "10.0.0.0/255.0.0.0".into(),
-            "192.168.0.0/255.255.0.0".into(),
-        ],
-        mtu: Some(1400),
-        cstp_compr: Some(String::new()),
-        dtls_compr: Some(String::new()),
-        local_dev_ip: Some("10.64.0.1".into()),
-        dpd: Some(90),
-        keepalive: Some(32400),
-        restrict_to_routes: Some(false),
-        safe_id: Some(safe_id),
-        vhost: Some(b"default".to_vec()),
-        session_start_time: Some(1_700_000_000 + u64::from(n)),
-        ..Default::default()
+    match devices {
+        Devices::Missing => fake::session(i, &format!("vpns{i}")),
+        Devices::Loopback => fake::session(i, "lo"),
     }
 }
 

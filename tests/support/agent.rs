@@ -137,7 +137,7 @@ pub fn ocserv_ids(lab: &Lab) -> Vec<u32> {
 }
 
 /// The agent binary, hermetic: no inherited `OCSERV_AGENT*` variables or `RUST_LOG`, an explicit
-/// configuration file (an empty one unless `args` name one), so `/etc/ocserv-agent` is never read,
+/// configuration file (an empty one unless `args` name one), so the machine's own configuration is never read,
 /// and, for `run`, the control socket in `dir`.
 #[cfg(test)] // the binary is known to integration tests only, not to the demo example
 pub fn agent_cmd(dir: &std::path::Path, args: &[&str]) -> std::process::Command {
