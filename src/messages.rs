@@ -18,6 +18,8 @@ use crate::ocserv::{
 use crate::tree::Child;
 
 /// To `OcservCtl`: one request to ocserv each. Every variant is answered, success or typed error.
+/// There is deliberately no "disconnect by ID": an ID is a recyclable PID, so a single session is
+/// only ever disconnected by its full identity ([`CtlMsg::DisconnectSession`]).
 #[derive(Debug)]
 pub enum CtlMsg {
     Status(RpcReplyPort<CtlResult<ServerStatus>>),
@@ -25,9 +27,7 @@ pub enum CtlMsg {
     UserInfo(String, RpcReplyPort<CtlResult<Vec<Session>>>),
     IdInfo(u32, RpcReplyPort<CtlResult<Option<Session>>>),
     DisconnectName(String, RpcReplyPort<CtlResult<DisconnectOutcome>>),
-    DisconnectId(u32, RpcReplyPort<CtlResult<DisconnectOutcome>>),
     TerminateUser(String, RpcReplyPort<CtlResult<DisconnectOutcome>>),
-    TerminateId(u32, RpcReplyPort<CtlResult<DisconnectOutcome>>),
     /// Disconnects one session by its full identity, re-checked by ocserv in the same step;
     /// `NotFound` when the ID is gone or now names another session.
     DisconnectSession(SessionKey, RpcReplyPort<CtlResult<DisconnectOutcome>>),

@@ -43,6 +43,36 @@ use crate::metrics::Metrics;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a listener serves: an HTTP service, cloned for each connection, answering every request
+/// (errors are responses, never `Err`).
+pub trait HttpService:
+    tower::Service<
+        Request<Incoming>,
+        Response = Response<Self::ResBody>,
+        Error = Infallible,
+        Future: Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+    type ResBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> HttpService for S
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type ResBody = B;
+}
+
 /// Which protocol a listener speaks, with its protocol-level limits.
 #[derive(Debug, Clone, Copy)]
 pub enum Protocol {
@@ -256,22 +286,12 @@ impl Endpoint {
 
     /// Accepts and serves until [`Self::drain`] is called (then `Ok`), or until accepting fails
     /// for good (then the error: the caller's actor must fail so it is restarted).
-    pub async fn serve<S, B>(
+    pub async fn serve<S: HttpService>(
         self: Arc<Self>,
         service: S,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
-    ) -> std::io::Result<()>
-    where
-        S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        B: Body<Data = Bytes> + Send + 'static,
-        B::Error: Into<BoxError>,
-    {
+    ) -> std::io::Result<()> {
         let acceptor = self.acceptor()?;
         let mut pause = Duration::from_millis(10);
         loop {
@@ -485,23 +505,13 @@ impl<B: Body + Unpin> Body for Tracked<B> {
 }
 
 /// Serves one connection until it ends, goes idle, or the endpoint drains.
-fn serve_connection<S, B>(
+fn serve_connection<S: HttpService>(
     io: Io,
     peer: Peer,
     service: S,
     limits: Limits,
     draining: CancellationToken,
-) -> impl Future<Output = ()> + Send
-where
-    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError>,
-{
+) -> impl Future<Output = ()> + Send {
     use tower::ServiceExt;
     let activity = Arc::new(Activity {
         epoch: Instant::now(),

@@ -176,26 +176,13 @@ pub type Companion = (
 /// Starts serving `service` on each endpoint, and the `companions` beside them. When any of these
 /// tasks ends, the actor is told ([`ServerMsg::Ended`]) and, unless it is draining, fails so the
 /// supervisor restarts it: nothing stops serving while its actor looks alive.
-pub fn serve_on<S, B>(
+pub fn serve_on<S: crate::serve::HttpService>(
     myself: &ActorRef<ServerMsg>,
     ctx: &Arc<Context>,
     endpoints: Vec<Arc<Endpoint>>,
     service: S,
     companions: Vec<Companion>,
-) -> ServingState
-where
-    S: tower::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<B>,
-            Error = std::convert::Infallible,
-        > + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+) -> ServingState {
     let mut tasks: Vec<AbortOnDrop> = companions
         .into_iter()
         .map(|(listener, task)| {

@@ -146,28 +146,12 @@ impl Actor for OcservCtl {
             CtlMsg::DisconnectName(u, r) => dispatch(m, "disconnect_name", r, async move {
                 b.disconnect_name(&u).await
             }),
-            CtlMsg::DisconnectId(id, r) => {
-                dispatch(
-                    m,
-                    "disconnect_id",
-                    r,
-                    async move { b.disconnect_id(id).await },
-                )
-            }
             CtlMsg::TerminateUser(u, r) => {
                 dispatch(
                     m,
                     "terminate_user",
                     r,
                     async move { b.terminate_user(&u).await },
-                )
-            }
-            CtlMsg::TerminateId(id, r) => {
-                dispatch(
-                    m,
-                    "terminate_id",
-                    r,
-                    async move { b.terminate_id(id).await },
                 )
             }
             CtlMsg::DisconnectSession(k, r) => dispatch(m, "disconnect_session", r, async move {
