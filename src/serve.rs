@@ -13,7 +13,9 @@
 //!   counted, and every request on its connection carries [`Peer::allowed`] = false, which the
 //!   gRPC edge answers with `PERMISSION_DENIED`.
 //! - Accept errors for lack of descriptors (`EMFILE`, `ENFILE`, ...) back off (10 ms doubling to 1 s),
-//!   are logged once per burst and make readiness say so; transient errors are skipped; any other
+//!   are logged once per burst and make readiness say so until a descriptor can be had again
+//!   (probed after each back-off, so no new client is needed to clear it); transient errors are
+//!   skipped; any other
 //!   error ends [`Endpoint::serve`] with the error, so the owning actor fails and is restarted.
 //! - [`Endpoint::drain`]: stop accepting, ask every connection to finish (GOAWAY), let requests in
 //!   flight complete within the grace period; the socket file of a Unix endpoint is removed.
@@ -284,6 +286,14 @@ impl Endpoint {
         })
     }
 
+    /// Whether this process can open one more descriptor now (duplicates the listener's).
+    fn descriptor_free(&self) -> bool {
+        match &self.listener {
+            Listener::Tcp(l) => l.try_clone().is_ok(),
+            Listener::Unix { listener, .. } => listener.try_clone().is_ok(),
+        }
+    }
+
     /// Accepts and serves until [`Self::drain`] is called (then `Ok`), or until accepting fails
     /// for good (then the error: the caller's actor must fail so it is restarted).
     pub async fn serve<S: HttpService>(
@@ -316,6 +326,12 @@ impl Endpoint {
                         _ = tokio::time::sleep(pause) => {}
                     }
                     pause = (pause * 2).min(Duration::from_secs(1));
+                    // The connection that failed may be gone by the next accept, which then just
+                    // waits: readiness must not wait for a new client to learn that descriptors
+                    // are free again.
+                    if self.descriptor_free() {
+                        health.out_of_descriptors(false);
+                    }
                     continue;
                 }
                 Err(e) if is_transient(&e) => continue,

@@ -1041,11 +1041,15 @@ async fn out_of_descriptors_is_reported_and_recovers() {
     drop(held);
     drop(spare);
     drop(_restore);
-    wait_for("readiness to recover", Duration::from_secs(10), || {
-        let h = a.ctx.health.clone();
-        async move { h.check().is_ok().then_some(()) }
-    })
-    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(why) = a.ctx.health.check() {
+        assert!(
+            Instant::now() < deadline,
+            "readiness did not recover within 10 s: {why}\n{}",
+            a.metrics.encode()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let mut c = agent::client(&a).await;
     agent::sessions(&mut c, "").await.expect("served again");
     assert_eq!(

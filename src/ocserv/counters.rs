@@ -67,11 +67,16 @@ pub struct Clock {
 }
 
 impl Clock {
-    /// This system's clock, read once: neither value changes while the system runs, and reading
-    /// `/proc/stat` for every session of a large list is measurable (`ocserv_list` bench).
+    /// This system's clock, read once it could be read: neither value changes while the system
+    /// runs, and reading `/proc/stat` for every session of a large list is measurable
+    /// (`ocserv_list` bench). A failed read (out of descriptors, say) is not remembered.
     pub fn system() -> Option<Clock> {
-        static SYSTEM: std::sync::OnceLock<Option<Clock>> = std::sync::OnceLock::new();
-        *SYSTEM.get_or_init(|| Clock::of(Path::new("/proc")))
+        static SYSTEM: std::sync::OnceLock<Clock> = std::sync::OnceLock::new();
+        if let Some(c) = SYSTEM.get() {
+            return Some(*c);
+        }
+        let c = Clock::of(Path::new("/proc"))?;
+        Some(*SYSTEM.get_or_init(|| c))
     }
 
     /// The clock as seen under `proc_root`.
