@@ -19,10 +19,10 @@
 //! transport table compares the socket with TCP for small calls and fresh connections.
 //!
 //! Part 2, size of a reply: with the agent stopped, the 10 000 sessions of its last view are
-//! mapped to `VPNSession`s as the handler does and encoded as tonic does (into an 8 KiB buffer
-//! grown by doubling), while a counting allocator (this binary's global allocator, counting only
-//! during this part) records the bytes live, as requested and as glibc malloc chunks: the mapped
-//! reply, and the peak while it and its encoding are both alive. Compared with
+//! encoded as the handler does (`grpc::encode_sessions`: one `VPNSession` at a time into 64 KiB
+//! pieces), without and with stats, while a counting allocator (this binary's global allocator,
+//! counting only during this part) records the bytes live, as requested and as glibc malloc
+//! chunks: the encoded reply as held, and the peak while encoding. Compared with
 //! `grpc::REPLY_BYTES_PER_SESSION`, the figure the agent's reply budget charges per session.
 //!
 //! Part 3, memory (child process): the release binary runs against a fake with 0 sessions; after
@@ -53,7 +53,6 @@ use std::sync::atomic::{AtomicBool, AtomicIsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::BufMut;
 use common::{report, ChildAgent, Devices, FakeOcserv};
 use ocserv_agent::actors::{call, SESSION_REGISTRY};
 use ocserv_agent::cli::Target;
@@ -513,65 +512,52 @@ async fn transport_comparison(c: &mut Clients, user: &str) {
 fn reply_size(view: &SessionsView) {
     println!("\n## Size of a {SESSIONS}-session reply (counting allocator, agent stopped)");
     assert_eq!(view.sessions.len(), SESSIONS);
-    // (requested, malloc chunks) for: the mapped reply; the peak while it and its encoding live.
-    let (mut held, mut peak, mut encoded) = (Vec::new(), Vec::new(), 0usize);
-    for _ in 0..5 {
-        for c in [&LIVE, &PEAK, &LIVE_CHUNKS, &PEAK_CHUNKS] {
-            c.store(0, Ordering::Relaxed);
+    for stats in [false, true] {
+        // (requested, malloc chunks): the encoded reply as held; the peak while encoding it.
+        let (mut held, mut peak, mut encoded) = (Vec::new(), Vec::new(), 0usize);
+        for _ in 0..5 {
+            for c in [&LIVE, &PEAK, &LIVE_CHUNKS, &PEAK_CHUNKS] {
+                c.store(0, Ordering::Relaxed);
+            }
+            COUNTING.store(true, Ordering::SeqCst);
+            // As the handler encodes it: one VPNSession at a time into 64 KiB pieces.
+            let reply = ocserv_agent::grpc::encode_sessions(&view.sessions, stats);
+            let built = (
+                LIVE.load(Ordering::Relaxed),
+                LIVE_CHUNKS.load(Ordering::Relaxed),
+            );
+            COUNTING.store(false, Ordering::SeqCst);
+            encoded = reply.len();
+            let as_bytes = |v: isize| usize::try_from(v).unwrap_or(0);
+            held.push((as_bytes(built.0), as_bytes(built.1)));
+            peak.push((
+                as_bytes(PEAK.load(Ordering::Relaxed)),
+                as_bytes(PEAK_CHUNKS.load(Ordering::Relaxed)),
+            ));
+            // The harness checks it is the real message.
+            let decoded = GetActiveSessionsResponse::decode(reply.to_vec().as_slice())
+                .expect("the encoded reply decodes");
+            assert_eq!(decoded.sessions.len(), SESSIONS);
         }
-        COUNTING.store(true, Ordering::SeqCst);
-        // As the handler builds it (include_stats=false: no counters).
-        let sessions: Vec<_> = view
-            .sessions
-            .iter()
-            .map(|s| ocserv_agent::grpc::vpn_session(s, None))
-            .collect();
-        let resp = GetActiveSessionsResponse {
-            total_count: sessions.len() as u32,
-            sessions,
-        };
-        let built = (
-            LIVE.load(Ordering::Relaxed),
-            LIVE_CHUNKS.load(Ordering::Relaxed),
+        // The smallest of five (the agent has stopped; nothing else should allocate meanwhile).
+        let held = held.into_iter().min().unwrap_or_default();
+        let peak = peak.into_iter().min().unwrap_or_default();
+        let per = |b: usize| b / SESSIONS;
+        println!(
+            "include_stats={stats}: encoded {encoded} bytes ({} per session); held: {} bytes requested, {} in malloc chunks ({} per session); peak while encoding: {} requested, {} in chunks ({} per session)",
+            per(encoded),
+            held.0,
+            held.1,
+            per(held.1),
+            peak.0,
+            peak.1,
+            per(peak.1)
         );
-        // tonic 0.14 encodes a reply into an 8 KiB `BytesMut` (after a 5-byte frame header)
-        // that grows by doubling as prost writes into it.
-        let mut bytes = bytes::BytesMut::with_capacity(8 * 1024);
-        bytes.put_slice(&[0u8; 5]);
-        resp.encode(&mut bytes).expect("a BytesMut grows as needed");
-        COUNTING.store(false, Ordering::SeqCst);
-        encoded = bytes.len() - 5;
-        let as_bytes = |v: isize| usize::try_from(v).unwrap_or(0);
-        held.push((as_bytes(built.0), as_bytes(built.1)));
-        peak.push((
-            as_bytes(PEAK.load(Ordering::Relaxed)),
-            as_bytes(PEAK_CHUNKS.load(Ordering::Relaxed)),
-        ));
-        drop(resp);
-        drop(bytes);
     }
-    // The smallest of five (the agent has stopped; nothing else should allocate meanwhile).
-    let held = held.into_iter().min().unwrap_or_default();
-    let peak = peak.into_iter().min().unwrap_or_default();
-    let per = |b: usize| b / SESSIONS;
-    println!("encoded: {encoded} bytes ({} per session)", per(encoded));
-    println!(
-        "mapped reply (Vec<VpnSession>): {} bytes requested ({} per session), {} bytes in malloc chunks ({} per session)",
-        held.0,
-        per(held.0),
-        held.1,
-        per(held.1)
-    );
-    println!(
-        "peak while mapped and encoded (the reply's worst): {} bytes requested ({} per session), {} bytes in malloc chunks ({} per session)",
-        peak.0,
-        per(peak.0),
-        peak.1,
-        per(peak.1)
-    );
     println!(
         "the reply budget charges grpc::REPLY_BYTES_PER_SESSION = {} bytes per session ({} KiB for {SESSIONS}) \
-         of grpc::REPLY_BUDGET_KIB = {} KiB: {} such replies at once",
+         of grpc::REPLY_BUDGET_KIB = {} KiB: {} such replies at once; the whole list without stats is \
+         encoded once per registry version and shared, not charged",
         ocserv_agent::grpc::REPLY_BYTES_PER_SESSION,
         ocserv_agent::grpc::reply_cost_kib(SESSIONS),
         ocserv_agent::grpc::REPLY_BUDGET_KIB,
@@ -888,9 +874,12 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let view = rt.block_on(latency());
-    reply_size(&view);
-    drop(view);
+    // `cargo bench --bench sessions_scale -- memory` runs part 3 alone.
+    if !std::env::args().any(|a| a == "memory") {
+        let view = rt.block_on(latency());
+        reply_size(&view);
+        drop(view);
+    }
     let default = memory(&rt, false);
     let returning = memory(&rt, true);
     println!("\n## Memory summary (VmRSS / VmHWM of the agent)");

@@ -18,29 +18,71 @@ use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
 use crate::actors::{call, CallError, Context, SESSION_REGISTRY};
-use crate::grpc_edge::ReplyPermit;
+use crate::grpc_edge::{EncodedReply, ReplyPermit};
 use crate::messages::{CtlMsg, RegistryMsg, SessionsView};
 use crate::ocserv::{counters, ByteCounters, CtlError, DisconnectOutcome, Session, SessionKey};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentService;
 use crate::serve::Peer;
 
-/// Memory for large replies being built and sent at once, in KiB (shared by all callers).
+/// Memory for replies being encoded and sent at once, in KiB (shared by all callers). A reply
+/// shared by every caller (the whole list without stats) is not charged: it exists once.
 pub const REPLY_BUDGET_KIB: u32 = 24 * 1024;
 
-/// What one session costs in a reply while it is built and encoded, in bytes of malloc heap
-/// (measured in the `sessions_scale` benchmark at 10 000 sessions: 1 264 for the mapped
-/// `VpnSession` with its metadata map, plus 419 for its 281 encoded bytes in the buffer that
-/// tonic grows by doubling).
-pub const REPLY_BYTES_PER_SESSION: usize = 1683;
+/// What one session costs in a reply encoded for one caller, in bytes of malloc heap: its
+/// encoded bytes (281 at 10 000 sessions, 291 with counters; `sessions_scale` benchmark) in
+/// chunks of [`CHUNK`] bytes, with room for a chunk left partly empty.
+pub const REPLY_BYTES_PER_SESSION: usize = 320;
 
-/// Sessions in a reply above which it is built on a blocking thread.
-const BLOCKING_ABOVE: usize = 1000;
+/// Sessions in a reply above which it is encoded on the heavy-work thread.
+const HEAVY_ABOVE: usize = 1000;
+
+/// Size of the pieces a reply is encoded into (and sent as): below glibc's mmap threshold, so
+/// building replies reuses the same heap blocks rather than mapping and unmapping megabytes.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Field numbers of `agent.v1.GetActiveSessionsResponse` (`proto/agent/v1/agent.proto`); a test
+/// checks the encoding against prost's own.
+const SESSIONS_FIELD: u32 = 1;
+const TOTAL_COUNT_FIELD: u32 = 2;
 
 /// The reply budget a listing of `n` sessions takes, in KiB (at least 1, at most the budget).
 pub fn reply_cost_kib(n: usize) -> u32 {
     let kib = (n.saturating_mul(REPLY_BYTES_PER_SESSION) / 1024).max(1);
     u32::try_from(kib).unwrap_or(u32::MAX).min(REPLY_BUDGET_KIB)
+}
+
+/// Encodes a `GetActiveSessionsResponse` listing `sessions` straight into [`CHUNK`]-sized
+/// pieces, one `VpnSession` at a time (never the whole message as structs). With `stats`, each
+/// session's counters are read fresh from its device (falling back to the last known ones).
+pub fn encode_sessions(sessions: &[Arc<Session>], stats: bool) -> EncodedReply {
+    let mut chunks = Vec::new();
+    let mut buf = bytes::BytesMut::with_capacity(CHUNK);
+    let mut flush = |buf: &mut bytes::BytesMut| {
+        if !buf.is_empty() {
+            chunks.push(std::mem::replace(buf, bytes::BytesMut::with_capacity(CHUNK)).freeze());
+        }
+    };
+    for s in sessions {
+        let counters = stats
+            .then(|| counters::read(&s.device, s.id, s.connected_at))
+            .flatten()
+            .or(s.counters)
+            .filter(|_| stats);
+        let m = vpn_session(s, counters);
+        let len = prost::encoding::message::encoded_len(SESSIONS_FIELD, &m);
+        // (BytesMut's `remaining_mut` counts what it could grow to; the room left is this.)
+        if buf.capacity() - buf.len() < len {
+            flush(&mut buf);
+        }
+        prost::encoding::message::encode(SESSIONS_FIELD, &m, &mut buf);
+    }
+    let total = u32::try_from(sessions.len()).unwrap_or(u32::MAX);
+    if total != 0 {
+        prost::encoding::uint32::encode(TOTAL_COUNT_FIELD, &total, &mut buf);
+    }
+    flush(&mut buf);
+    EncodedReply::new(chunks)
 }
 
 /// How long a kicked session stays known as kicked, so a late concurrent caller is not told it
@@ -136,11 +178,18 @@ pub struct VpnAgent {
     ctx: Arc<Context>,
     /// Bound of one cross-actor call.
     call_timeout: Duration,
+    /// The whole list without stats, encoded once per registry version and served to every
+    /// caller (the lock makes concurrent callers of a new version wait for one encoding).
+    whole_list: Arc<tokio::sync::Mutex<Option<(u64, EncodedReply)>>>,
 }
 
 impl VpnAgent {
     pub fn new(ctx: Arc<Context>, call_timeout: Duration) -> Self {
-        Self { ctx, call_timeout }
+        Self {
+            ctx,
+            call_timeout,
+            whole_list: Arc::new(tokio::sync::Mutex::new(None)),
+        }
     }
 
     /// Asks ocserv through `OcservCtl`, within `deadline`.
@@ -222,6 +271,17 @@ pub fn vpn_session(s: &Session, counters: Option<ByteCounters>) -> pb::VpnSessio
     }
 }
 
+/// Encodes a view's sessions; a large list (or one that reads counters from files) on the
+/// heavy-work thread.
+async fn encode_view(view: SessionsView, stats: bool) -> Result<EncodedReply, Status> {
+    if !stats && view.sessions.len() <= HEAVY_ABOVE {
+        return Ok(encode_sessions(&view.sessions, false));
+    }
+    crate::heavy::run(move || encode_sessions(&view.sessions, stats))
+        .await
+        .map_err(|e| Status::internal(format!("encoding the session list: {e}")))
+}
+
 /// Which of a user's sessions a `DisconnectUser` takes: all of them, or only the newest (latest
 /// connection time, then highest ID).
 pub fn disconnect_targets(sessions: &[Session], all: bool) -> Vec<SessionKey> {
@@ -286,8 +346,13 @@ impl VpnAgentService for VpnAgent {
         request: Request<pb::GetActiveSessionsRequest>,
     ) -> Result<Response<pb::GetActiveSessionsResponse>, Status> {
         let (permit, reply) = self.get_active_sessions_inner(request.into_inner()).await?;
-        let mut resp = Response::new(reply);
-        resp.extensions_mut().insert(permit);
+        // The message itself travels as `reply`, already encoded; the edge sends it in place of
+        // this empty one (see `grpc_edge::EncodedReply`).
+        let mut resp = Response::new(pb::GetActiveSessionsResponse::default());
+        resp.extensions_mut().insert(reply);
+        if let Some(permit) = permit {
+            resp.extensions_mut().insert(permit);
+        }
         Ok(resp)
     }
 
@@ -315,7 +380,7 @@ impl VpnAgent {
     async fn get_active_sessions_inner(
         &self,
         req: pb::GetActiveSessionsRequest,
-    ) -> Result<(ReplyPermit, pb::GetActiveSessionsResponse), Status> {
+    ) -> Result<(Option<ReplyPermit>, EncodedReply), Status> {
         let username = if req.username_filter.is_empty() {
             None
         } else {
@@ -336,52 +401,43 @@ impl VpnAgent {
             check_fresh(&view, self.ctx.config().ocserv.reconcile_interval)?;
             Ok::<_, Status>(view)
         };
-        let mut view = query().await?;
-        // Bound the memory of replies being built and sent at once; the permit travels with the
-        // response until it has been written (see `grpc_edge`). A caller that has to wait for
-        // room does not hold its view meanwhile (at 10 000 sessions each is 80 KB of pointers,
-        // times every waiting caller): it asks again once it has the room.
+        let view = query().await?;
+        if username.is_none() && !include_stats {
+            return Ok((None, self.whole_list(view).await?));
+        }
+        // Bound the memory of replies being encoded and sent at once; the permit travels with
+        // the response until it has been written (see `grpc_edge`). A caller that has to wait
+        // for room does not hold its view meanwhile: it asks again once it has the room.
         let cost = reply_cost_kib(view.sessions.len());
         let gate = &self.ctx.reply_gate;
-        let permit = match gate.enter_many(cost, Duration::ZERO).await {
-            Ok(p) => p,
+        let (permit, view) = match gate.enter_many(cost, Duration::ZERO).await {
+            Ok(p) => (p, view),
             Err(_) => {
                 drop(view);
                 let wait = self.ctx.config().grpc.request_timeout / 2;
                 let p = gate.enter_many(cost, wait).await.map_err(|e| {
                     Status::resource_exhausted(format!("too many large replies in flight: {e}"))
                 })?;
-                view = query().await?;
-                p
+                (p, query().await?)
             }
         };
-        let count = view.sessions.len();
-        let build = move || {
-            let sessions: Vec<pb::VpnSession> = view
-                .sessions
-                .iter()
-                .map(|s| {
-                    // Fresh counters from the session's own device, read here rather than in
-                    // the registry so a large query never holds up its mailbox.
-                    let fresh = include_stats
-                        .then(|| counters::read(&s.device, s.id, s.connected_at))
-                        .flatten();
-                    vpn_session(s, fresh.or(s.counters).filter(|_| include_stats))
-                })
-                .collect();
-            pb::GetActiveSessionsResponse {
-                total_count: u32::try_from(sessions.len()).unwrap_or(u32::MAX),
-                sessions,
+        let reply = encode_view(view, include_stats).await?;
+        Ok((Some(ReplyPermit(Arc::new(permit))), reply))
+    }
+
+    /// The whole list without stats for `view`'s version or a newer one: encoded by the first
+    /// caller that needs it, shared by all.
+    async fn whole_list(&self, view: SessionsView) -> Result<EncodedReply, Status> {
+        let mut cached = self.whole_list.lock().await;
+        if let Some((version, reply)) = cached.as_ref() {
+            if *version >= view.version {
+                return Ok(reply.clone());
             }
-        };
-        let reply = if include_stats || count > BLOCKING_ABOVE {
-            tokio::task::spawn_blocking(build)
-                .await
-                .map_err(|e| Status::internal(format!("building the session list: {e}")))?
-        } else {
-            build()
-        };
-        Ok((ReplyPermit(Arc::new(permit)), reply))
+        }
+        let version = view.version;
+        let reply = encode_view(view, false).await?;
+        *cached = Some((version, reply.clone()));
+        Ok(reply)
     }
 
     async fn disconnect_user_inner(
@@ -489,6 +545,44 @@ mod tests {
         Instant::now() + Duration::from_secs(5)
     }
 
+    #[test]
+    fn the_streamed_encoding_is_prosts_own_across_chunks() {
+        use prost::Message;
+        for n in [0usize, 1, 3, 2_000] {
+            let sessions: Vec<Arc<Session>> = (0..n as u32)
+                .map(|i| {
+                    let mut s = session(i + 1, &format!("user{i}"), 1_700_000_000 + u64::from(i));
+                    s.hostname = "h".repeat(i as usize % 40);
+                    s.counters = Some(ByteCounters {
+                        bytes_in: u64::from(i) * 3,
+                        bytes_out: 7,
+                    });
+                    Arc::new(s)
+                })
+                .collect();
+            for stats in [false, true] {
+                let reply = encode_sessions(&sessions, stats);
+                let whole = pb::GetActiveSessionsResponse {
+                    sessions: sessions
+                        .iter()
+                        .map(|s| vpn_session(s, s.counters.filter(|_| stats)))
+                        .collect(),
+                    total_count: n as u32,
+                };
+                let bytes = reply.to_vec();
+                assert_eq!(bytes.len(), reply.len());
+                let decoded = pb::GetActiveSessionsResponse::decode(bytes.as_slice()).unwrap();
+                assert_eq!(decoded, whole, "n = {n}, stats = {stats}");
+                // (Byte-for-byte equality would depend on the metadata map's order.)
+                assert_eq!(bytes.len(), whole.encoded_len());
+                if n == 2_000 {
+                    assert!(reply.chunks.len() > 1, "a large reply is sent in pieces");
+                    assert!(reply.chunks.iter().all(|c| c.len() <= CHUNK));
+                }
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_kick_is_claimed_once_and_a_failed_one_is_retried() {
         let kicks = Arc::new(Kicks::default());
@@ -543,7 +637,7 @@ mod tests {
     #[test]
     fn reply_cost_is_bounded() {
         assert_eq!(reply_cost_kib(0), 1);
-        assert_eq!(reply_cost_kib(10_000), 16_435);
+        assert_eq!(reply_cost_kib(10_000), 3_125);
         assert_eq!(reply_cost_kib(10_000_000), REPLY_BUDGET_KIB);
     }
 

@@ -16,6 +16,9 @@
 //!    the client really received, including those refused before a handler ran (decode failures,
 //!    oversized messages, unsupported compression). A [`ReplyPermit`] a handler attached to its
 //!    response is held until the response body has been sent.
+//! 6. A handler that attached an [`EncodedReply`] (its message already encoded, possibly shared
+//!    by many callers) has it sent as the response message in place of what tonic encoded: the
+//!    bytes go out as they are, never copied per call.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -40,6 +43,82 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 /// Memory reserved for a reply being built and sent; see [`Edge`] step 5.
 #[derive(Debug, Clone)]
 pub struct ReplyPermit(pub Arc<OwnedSemaphorePermit>);
+
+/// A response message already encoded as protobuf (without gRPC's 5-byte frame header), in
+/// pieces. Cloning shares the bytes; see step 6.
+#[derive(Debug, Clone, Default)]
+pub struct EncodedReply {
+    pub(crate) chunks: Vec<Bytes>,
+    len: usize,
+}
+
+impl EncodedReply {
+    pub fn new(chunks: Vec<Bytes>) -> Self {
+        let len = chunks.iter().map(Bytes::len).sum();
+        Self { chunks, len }
+    }
+
+    /// Length of the encoded message in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The message as one buffer (tests, benchmarks).
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.chunks.concat()
+    }
+
+    /// The gRPC response body: one uncompressed message frame, then `grpc-status: 0`.
+    fn into_body(self) -> Result<EncodedBody, Status> {
+        let len = u32::try_from(self.len).map_err(|_| {
+            Status::resource_exhausted("the reply exceeds gRPC's 4 GiB frame limit")
+        })?;
+        let mut header = [0u8; 5];
+        header[1..].copy_from_slice(&len.to_be_bytes());
+        let mut frames = std::collections::VecDeque::with_capacity(self.chunks.len() + 1);
+        frames.push_back(Bytes::copy_from_slice(&header));
+        frames.extend(self.chunks);
+        Ok(EncodedBody {
+            frames,
+            trailers_sent: false,
+        })
+    }
+}
+
+/// The body of an [`EncodedReply`]: its pieces as data frames, then the OK trailers.
+struct EncodedBody {
+    frames: std::collections::VecDeque<Bytes>,
+    trailers_sent: bool,
+}
+
+impl Body for EncodedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if let Some(data) = self.frames.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if self.trailers_sent {
+            return Poll::Ready(None);
+        }
+        self.trailers_sent = true;
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.trailers_sent
+    }
+}
 
 /// The method label of a request path: a fixed set, never a caller-supplied string.
 pub fn method_label(path: &str) -> &'static str {
@@ -213,8 +292,16 @@ impl Counted {
         method: &'static str,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Response<Self> {
-        let (mut parts, inner) = resp.into_parts();
+        let (mut parts, mut inner) = resp.into_parts();
         let permit = parts.extensions.remove::<ReplyPermit>();
+        if let Some(reply) = parts.extensions.remove::<EncodedReply>() {
+            if status_in(&parts.headers).is_none() {
+                inner = match reply.into_body() {
+                    Ok(body) => tonic::body::Body::new(body),
+                    Err(status) => return Counted::wrap(refuse(status), method, metrics),
+                };
+            }
+        }
         let mut body = Counted {
             inner,
             method,
@@ -288,6 +375,15 @@ mod tests {
         assert_eq!(method_label("/grpc.health.v1.Health/Check"), "Check");
         assert_eq!(method_label("/x.Y/alice"), "unknown");
         assert_eq!(method_label(""), "unknown");
+    }
+
+    #[tokio::test]
+    async fn an_encoded_reply_is_one_grpc_frame_then_ok_trailers() {
+        let reply = EncodedReply::new(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cde")]);
+        let collected = reply.into_body().unwrap().collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        assert_eq!(status_in(&trailers), Some(Code::Ok));
+        assert_eq!(&collected.to_bytes()[..], b"\0\0\0\0\x05abcde");
     }
 
     #[test]

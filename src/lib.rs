@@ -11,6 +11,7 @@ pub mod gate;
 pub mod grpc;
 pub mod grpc_edge;
 pub mod health;
+pub mod heavy;
 pub mod messages;
 pub mod metrics;
 pub mod ocserv;

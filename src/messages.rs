@@ -63,8 +63,11 @@ pub enum ReconcileError {
 /// A consistent view of the registry, for one query.
 #[derive(Debug, Clone)]
 pub struct SessionsView {
-    /// Matching sessions, ordered by ocserv ID (shared with the registry's table).
-    pub sessions: Vec<Arc<Session>>,
+    /// Matching sessions, ordered by ocserv ID (shared with the registry's table; the whole
+    /// list is one allocation shared by every caller until the table changes).
+    pub sessions: Arc<Vec<Arc<Session>>>,
+    /// The version of the table the view was taken from (see `SessionTable::version`).
+    pub version: u64,
     /// How long ago the view last agreed with ocserv; `None` until it has once since the
     /// registry (re)started.
     pub age: Option<Duration>,

@@ -6,6 +6,7 @@
 //! reported as closed and the new one as opened.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,10 +14,34 @@ use crate::backoff::Backoff;
 use crate::ocserv::{Session, SessionKey};
 
 /// Live sessions by ocserv ID. Entries are shared (`Arc`) so a query copies pointers, not
-/// sessions.
-#[derive(Debug, Default, Clone)]
+/// sessions, and an entry that a reconcile finds unchanged keeps its allocation (a reconcile
+/// allocates only for what changed).
+///
+/// Every change gives the table a new [`version`](Self::version), unique in the process (also
+/// across tables, so a restarted registry never reuses the number of a different content): a
+/// reply encoded for one version can be served again as long as the version stands.
+#[derive(Debug, Clone)]
 pub struct SessionTable {
     by_id: BTreeMap<u32, Arc<Session>>,
+    version: u64,
+    /// Every session in ID order, built on first use after a change.
+    all: Option<Arc<Vec<Arc<Session>>>>,
+}
+
+impl Default for SessionTable {
+    fn default() -> Self {
+        Self {
+            by_id: BTreeMap::new(),
+            version: next_version(),
+            all: None,
+        }
+    }
+}
+
+/// Table versions, unique in the process.
+fn next_version() -> u64 {
+    static VERSIONS: AtomicU64 = AtomicU64::new(1);
+    VERSIONS.fetch_add(1, Ordering::Relaxed)
 }
 
 /// What one reconcile changed.
@@ -47,6 +72,23 @@ impl SessionTable {
         self.by_id.get(&id).map(Arc::as_ref)
     }
 
+    /// The version of the table's content; changes with every change.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    fn changed(&mut self) {
+        self.version = next_version();
+        self.all = None;
+    }
+
+    /// Every session ordered by ID, shared: a second call before the next change costs nothing.
+    pub fn all(&mut self) -> Arc<Vec<Arc<Session>>> {
+        self.all
+            .get_or_insert_with(|| Arc::new(self.by_id.values().cloned().collect()))
+            .clone()
+    }
+
     /// Sessions ordered by ID, optionally only those of one user.
     pub fn sessions<'a>(
         &'a self,
@@ -71,7 +113,7 @@ impl SessionTable {
         let mut diff = ReconcileDiff::default();
         let mut next = BTreeMap::new();
         for mut s in fresh {
-            match self.by_id.remove(&s.id) {
+            let entry = match self.by_id.remove(&s.id) {
                 Some(old) if same_session(&old, &s) => {
                     if s.counters.is_none() {
                         s.counters = old.counters;
@@ -79,21 +121,31 @@ impl SessionTable {
                     if s.safe_id.is_none() {
                         s.safe_id = old.safe_id.clone();
                     }
-                    if *old != s {
+                    if *old == s {
+                        old
+                    } else {
                         diff.updated += 1;
+                        Arc::new(s)
                     }
                 }
                 Some(old) => {
                     diff.closed.push(old);
                     diff.opened.push(s.id);
+                    Arc::new(s)
                 }
-                None => diff.opened.push(s.id),
-            }
-            next.insert(s.id, Arc::new(s));
+                None => {
+                    diff.opened.push(s.id);
+                    Arc::new(s)
+                }
+            };
+            next.insert(entry.id, entry);
         }
         diff.closed
             .extend(std::mem::take(&mut self.by_id).into_values());
         self.by_id = next;
+        if !diff.opened.is_empty() || !diff.closed.is_empty() || diff.updated > 0 {
+            self.changed();
+        }
         diff
     }
 
@@ -101,12 +153,17 @@ impl SessionTable {
     /// reconcile, each only if the table holds that very session (not a newer one under a
     /// recycled ID); returns those removed.
     pub fn remove(&mut self, keys: &[SessionKey]) -> Vec<Arc<Session>> {
-        keys.iter()
+        let removed: Vec<_> = keys
+            .iter()
             .filter_map(|k| match self.by_id.get(&k.id) {
                 Some(s) if k.matches(s) => self.by_id.remove(&k.id),
                 _ => None,
             })
-            .collect()
+            .collect();
+        if !removed.is_empty() {
+            self.changed();
+        }
+        removed
     }
 }
 
@@ -329,6 +386,32 @@ pub(crate) mod tests {
         t.reconcile(vec![s]);
         t.reconcile(vec![session(1, "a", 10)]);
         assert_eq!(t.get(1).unwrap().counters.unwrap().bytes_out, 2);
+    }
+
+    #[test]
+    fn unchanged_sessions_keep_their_allocation_and_the_version() {
+        let mut t = SessionTable::default();
+        t.reconcile(vec![session(1, "a", 10), session(2, "b", 10)]);
+        let v = t.version();
+        let all = t.all();
+        assert!(Arc::ptr_eq(&all, &t.all()), "the snapshot is shared");
+        let d = t.reconcile(vec![session(1, "a", 10), session(2, "b", 10)]);
+        assert_eq!(d, ReconcileDiff::default());
+        assert_eq!(t.version(), v, "nothing changed");
+        assert!(Arc::ptr_eq(&all[0], &t.all()[0]), "entry reused");
+
+        let mut s2 = session(2, "b", 10);
+        s2.mtu = Some(1400);
+        t.reconcile(vec![session(1, "a", 10), s2]);
+        let v2 = t.version();
+        assert_ne!(v2, v, "an update is a new version");
+        assert!(!Arc::ptr_eq(&all, &t.all()), "and a new snapshot");
+        assert_eq!(t.all()[1].mtu, Some(1400));
+        t.remove(&[session(1, "a", 10).key()]);
+        assert_ne!(t.version(), v2, "a removal is a new version");
+        assert_eq!(t.all().len(), 1);
+        // A new table never reuses another table's version.
+        assert!(SessionTable::default().version() > t.version());
     }
 
     #[test]

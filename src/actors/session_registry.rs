@@ -132,9 +132,14 @@ impl RegistryState {
         });
     }
 
-    fn view(&self, username: Option<&str>) -> SessionsView {
+    fn view(&mut self, username: Option<&str>) -> SessionsView {
+        let sessions = match username {
+            None => self.table.all(),
+            Some(_) => Arc::new(self.table.sessions(username).cloned().collect()),
+        };
         SessionsView {
-            sessions: self.table.sessions(username).cloned().collect(),
+            sessions,
+            version: self.table.version(),
             age: self.age(),
             last_error: self.last_error.clone(),
         }

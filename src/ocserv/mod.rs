@@ -397,13 +397,13 @@ impl OcservBackend for Backend {
     }
 }
 
-/// Replies larger than this are decoded and mapped on the blocking pool; smaller ones inline,
-/// where a thread hop would cost more latency than the work itself.
+/// Replies larger than this are decoded and mapped on the heavy-work thread; smaller ones
+/// inline, where a thread hop would cost more latency than the work itself.
 pub const INLINE_DECODE_LIMIT: usize = 64 * 1024;
 
 /// Runs CPU-heavy work (decoding a large reply, mapping thousands of sessions) off the async
-/// workers when its input is larger than [`INLINE_DECODE_LIMIT`] bytes, inline otherwise.
-/// `command` names the call if the blocking task panics or is cancelled.
+/// workers, on [`crate::heavy`]'s thread, when its input is larger than [`INLINE_DECODE_LIMIT`]
+/// bytes, inline otherwise. `command` names the call if the work panics.
 pub(crate) async fn off_worker<T, F>(
     command: &'static str,
     input_len: usize,
@@ -416,7 +416,7 @@ where
     if input_len <= INLINE_DECODE_LIMIT {
         return work();
     }
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+    crate::heavy::run(work).await.unwrap_or_else(|e| {
         Err(CtlError::Io {
             command,
             source: std::io::Error::other(format!("decoding the reply failed: {e}")),
@@ -437,7 +437,7 @@ impl Backend {
 mod tests {
     use super::*;
 
-    /// Small inputs are handled on the calling thread; large ones on a blocking-pool thread,
+    /// Small inputs are handled on the calling thread; large ones on the heavy-work thread,
     /// never on the (here: only) async worker.
     #[tokio::test(flavor = "current_thread")]
     async fn large_inputs_are_decoded_off_the_async_worker() {
