@@ -14,6 +14,7 @@ pub mod health;
 pub mod messages;
 pub mod metrics;
 pub mod ocserv;
+pub mod peruser;
 pub mod proto;
 pub mod registry;
 pub mod restart;
