@@ -15,6 +15,7 @@ pub mod heavy;
 pub mod messages;
 pub mod metrics;
 pub mod ocserv;
+pub mod peruser;
 pub mod proto;
 pub mod registry;
 pub mod restart;

@@ -3,6 +3,9 @@
 //! A name is refused when it is empty, too long, contains `/`, NUL, a control character or a
 //! newline, or starts with `-` or `.`. The error names the field and the reason.
 //!
+//! A name that becomes a file name (a config-per-user or config-per-group file, [`file_name`])
+//! follows the same rule with a tighter length bound, [`MAX_FILE_NAME_LEN`].
+//!
 //! A session id (`safe_id`, occtl's "Full session") has one rule too, [`safe_id`], used by both
 //! backends before an id becomes a control-socket request or an occtl argument.
 
@@ -17,15 +20,29 @@ pub struct NameError {
     pub reason: String,
 }
 
+/// Longest accepted name of a config-per-user or config-per-group file, in bytes.
+pub const MAX_FILE_NAME_LEN: usize = 64;
+
 /// Checks a user or group name; `field` is used in the error ("username", "groupname", ...).
 pub fn name(field: &'static str, value: &str) -> Result<(), NameError> {
+    bounded_name(field, value, MAX_NAME_LEN)
+}
+
+/// Checks a user or group name that becomes a file name in ocserv's config-per-user or
+/// config-per-group directory: the [`name`] rule with the bound [`MAX_FILE_NAME_LEN`].
+pub fn file_name(field: &'static str, value: &str) -> Result<(), NameError> {
+    bounded_name(field, value, MAX_FILE_NAME_LEN)
+}
+
+/// The one name rule; only the length bound differs between its uses.
+fn bounded_name(field: &'static str, value: &str, max_len: usize) -> Result<(), NameError> {
     let err = |reason: String| Err(NameError { field, reason });
     if value.is_empty() {
         return err("must not be empty".into());
     }
-    if value.len() > MAX_NAME_LEN {
+    if value.len() > max_len {
         return err(format!(
-            "is {} bytes long, the limit is {MAX_NAME_LEN}",
+            "is {} bytes long, the limit is {max_len}",
             value.len()
         ));
     }
@@ -117,6 +134,28 @@ mod tests {
     }
 
     #[test]
+    fn file_names_follow_the_name_rule_with_a_64_byte_bound() {
+        assert_eq!(
+            file_name("username", &"x".repeat(MAX_FILE_NAME_LEN)),
+            Ok(())
+        );
+        let e = file_name("groupname", &"x".repeat(MAX_FILE_NAME_LEN + 1)).unwrap_err();
+        assert_eq!(e.field, "groupname");
+        assert!(
+            e.reason.contains("65 bytes") && e.reason.contains("64"),
+            "{}",
+            e.reason
+        );
+        // 64 bytes of a multi-byte script is fewer characters: the bound is in bytes.
+        assert_eq!(file_name("username", &"é".repeat(32)), Ok(()));
+        assert!(file_name("username", &"é".repeat(33)).is_err());
+        for bad in ["", "a/b", ".x", "-x", "a\nb", "a\0b", "a\tb"] {
+            let e = file_name("username", bad).unwrap_err();
+            assert_eq!(e.field, "username", "{bad:?}");
+        }
+    }
+
+    #[test]
     fn safe_id_is_base64_of_bounded_length() {
         for ok in [
             "AbCdEfGhIjKlMnOpQrStUvWxYz0=",
@@ -200,6 +239,13 @@ mod tests {
                 && s.len() <= MAX_SAFE_ID_LEN
                 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
             prop_assert_eq!(safe_id(&s).is_ok(), expected, "{:?}", s);
+        }
+
+        /// A file name is accepted exactly when the name rule accepts it and it fits in 64 bytes.
+        #[test]
+        fn file_name_is_name_within_64_bytes(s in "\\PC{0,80}|[a-z./-]{0,80}") {
+            let expected = name("username", &s).is_ok() && s.len() <= MAX_FILE_NAME_LEN;
+            prop_assert_eq!(file_name("username", &s).is_ok(), expected, "{:?}", s);
         }
 
         #[test]
