@@ -18,7 +18,7 @@ use crate::actors::{Context, SUPERVISOR};
 use crate::config::{Changes, Config};
 use crate::messages::SupervisorMsg;
 use crate::metrics::Metrics;
-use crate::serve::{Endpoint, Limits, Listener, Protocol};
+use crate::serve::{Endpoint, Limits, Listener};
 
 /// Exit code when the supervisor gave up (restart intensity exceeded): EX_SOFTWARE.
 pub const EXIT_ESCALATED: i32 = 70;
@@ -64,11 +64,6 @@ fn endpoints(config: &Config) -> eyre::Result<(Vec<Arc<Endpoint>>, Arc<Endpoint>
         max_connections: g.max_connections,
         idle_timeout: g.idle_timeout,
         read_timeout: g.read_timeout,
-        protocol: Protocol::Http2 {
-            max_streams: g.max_streams_per_connection,
-            keepalive_interval: g.keepalive_interval,
-            keepalive_timeout: g.keepalive_timeout,
-        },
     };
     let mut grpc = vec![Arc::new(Endpoint::new(
         "grpc_socket",
@@ -95,7 +90,6 @@ fn endpoints(config: &Config) -> eyre::Result<(Vec<Arc<Endpoint>>, Arc<Endpoint>
             max_connections: m.max_connections,
             idle_timeout: m.idle_timeout,
             read_timeout: m.header_timeout,
-            protocol: Protocol::Http1,
         },
     ));
     Ok((grpc, metrics))

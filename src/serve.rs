@@ -75,7 +75,45 @@ where
     type ResBody = B;
 }
 
-/// Which protocol a listener speaks, with its protocol-level limits.
+/// What a listener does with each accepted connection (its task ends when the connection is
+/// done; it must honour `limits` and finish promptly once `draining` is cancelled).
+pub trait Handler: Clone + Send + Sync + 'static {
+    fn serve(
+        &self,
+        io: Io,
+        peer: Peer,
+        limits: Limits,
+        draining: CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+}
+
+/// HTTP on a listener (gRPC, or metrics): each connection served by hyper with `service`.
+#[derive(Clone)]
+pub struct Http<S> {
+    pub service: S,
+    pub protocol: Protocol,
+}
+
+impl<S: HttpService> Handler for Http<S> {
+    fn serve(
+        &self,
+        io: Io,
+        peer: Peer,
+        limits: Limits,
+        draining: CancellationToken,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(serve_connection(
+            io,
+            peer,
+            self.service.clone(),
+            self.protocol,
+            limits,
+            draining,
+        ))
+    }
+}
+
+/// Which HTTP version a listener speaks, with its protocol-level limits.
 #[derive(Debug, Clone, Copy)]
 pub enum Protocol {
     /// gRPC.
@@ -97,7 +135,6 @@ pub struct Limits {
     /// Closes a new connection that sends no request within this time; for HTTP/1 also the
     /// time allowed to send a request's headers.
     pub read_timeout: Duration,
-    pub protocol: Protocol,
 }
 
 /// Who is at the other end of a connection; every request carries it as an extension.
@@ -296,9 +333,9 @@ impl Endpoint {
 
     /// Accepts and serves until [`Self::drain`] is called (then `Ok`), or until accepting fails
     /// for good (then the error: the caller's actor must fail so it is restarted).
-    pub async fn serve<S: HttpService>(
+    pub async fn serve<H: Handler>(
         self: Arc<Self>,
-        service: S,
+        handler: H,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
     ) -> std::io::Result<()> {
@@ -347,13 +384,7 @@ impl Endpoint {
                 tracing::warn!(listener = self.label, uid = ?peer.uid, pid = ?peer.pid,
                     "peer not in the allowed uids; its requests are refused");
             }
-            let conn = serve_connection(
-                io,
-                peer,
-                service.clone(),
-                self.limits,
-                self.draining.clone(),
-            );
+            let conn = handler.serve(io, peer, self.limits, self.draining.clone());
             self.connections.spawn(conn);
         }
     }
@@ -407,7 +438,7 @@ impl Endpoint {
 }
 
 /// Either kind of accepted stream.
-enum Io {
+pub enum Io {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
 }
@@ -525,6 +556,7 @@ fn serve_connection<S: HttpService>(
     io: Io,
     peer: Peer,
     service: S,
+    protocol: Protocol,
     limits: Limits,
     draining: CancellationToken,
 ) -> impl Future<Output = ()> + Send {
@@ -553,7 +585,7 @@ fn serve_connection<S: HttpService>(
     });
     let io = TokioIo::new(io);
     async move {
-        let conn: Pin<Box<dyn Conn>> = match limits.protocol {
+        let conn: Pin<Box<dyn Conn>> = match protocol {
             Protocol::Http2 {
                 max_streams,
                 keepalive_interval,
@@ -574,7 +606,7 @@ fn serve_connection<S: HttpService>(
                     .serve_connection(io, svc),
             ),
         };
-        drive(conn, &activity, limits, draining).await;
+        drive(conn, &activity, protocol, limits, draining).await;
     }
 }
 
@@ -616,6 +648,7 @@ const CLOSE_BOUND: Duration = Duration::from_secs(2);
 async fn drive(
     mut conn: Pin<Box<dyn Conn>>,
     activity: &Activity,
+    protocol: Protocol,
     limits: Limits,
     draining: CancellationToken,
 ) {
@@ -629,7 +662,7 @@ async fn drive(
         } else {
             limits.idle_timeout
         };
-        let wake = match (activity.quiet_for(), limits.protocol) {
+        let wake = match (activity.quiet_for(), protocol) {
             ((true, quiet), Protocol::Http1) if quiet >= limit => return,
             ((true, _), Protocol::Http2 { .. }) => limit,
             ((false, quiet), _) if quiet >= limit => {

@@ -25,6 +25,7 @@ use crate::grpc::VpnAgent;
 use crate::grpc_edge::Edge;
 use crate::messages::ServerMsg;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentServiceServer;
+use crate::serve::{Http, Protocol};
 
 pub struct GrpcFrontDoor;
 
@@ -92,12 +93,20 @@ impl Actor for GrpcFrontDoor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let (routes, reporter) = routes(&ctx)?;
         let follower = Box::pin(follow_readiness(ctx.clone(), reporter));
-        let edge = Edge::new(routes, ctx.clone());
+        let g = &ctx.config().grpc;
+        let http = Http {
+            service: Edge::new(routes, ctx.clone()),
+            protocol: Protocol::Http2 {
+                max_streams: g.max_streams_per_connection,
+                keepalive_interval: g.keepalive_interval,
+                keepalive_timeout: g.keepalive_timeout,
+            },
+        };
         Ok(serve_on(
             &myself,
             &ctx,
             ctx.grpc_endpoints.clone(),
-            edge,
+            http,
             vec![("health_status", follower)],
         ))
     }

@@ -21,6 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::actors::{serve_on, server_drain, server_handle, Context, ServingState};
 use crate::messages::ServerMsg;
+use crate::serve::{Http, Protocol};
 
 pub struct MetricsServer;
 
@@ -71,12 +72,15 @@ impl Actor for MetricsServer {
         myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let app = router(ctx.clone());
+        let http = Http {
+            service: router(ctx.clone()),
+            protocol: Protocol::Http1,
+        };
         Ok(serve_on(
             &myself,
             &ctx,
             vec![ctx.metrics_endpoint.clone()],
-            app,
+            http,
             Vec::new(),
         ))
     }

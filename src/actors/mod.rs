@@ -173,14 +173,14 @@ pub type Companion = (
     std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
 );
 
-/// Starts serving `service` on each endpoint, and the `companions` beside them. When any of these
+/// Starts serving each endpoint's connections with `service`, and the `companions` beside them. When any of these
 /// tasks ends, the actor is told ([`ServerMsg::Ended`]) and, unless it is draining, fails so the
 /// supervisor restarts it: nothing stops serving while its actor looks alive.
-pub fn serve_on<S: crate::serve::HttpService>(
+pub fn serve_on<H: crate::serve::Handler>(
     myself: &ActorRef<ServerMsg>,
     ctx: &Arc<Context>,
     endpoints: Vec<Arc<Endpoint>>,
-    service: S,
+    service: H,
     companions: Vec<Companion>,
 ) -> ServingState {
     let mut tasks: Vec<AbortOnDrop> = companions
