@@ -5,6 +5,7 @@
 pub mod actors;
 pub mod app;
 pub mod backoff;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod gate;
@@ -14,6 +15,7 @@ pub mod health;
 pub mod messages;
 pub mod metrics;
 pub mod ocserv;
+pub mod policy;
 pub mod proto;
 pub mod registry;
 pub mod restart;
