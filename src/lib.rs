@@ -5,6 +5,7 @@
 pub mod actors;
 pub mod app;
 pub mod backoff;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod gate;
@@ -16,6 +17,7 @@ pub mod messages;
 pub mod metrics;
 pub mod ocserv;
 pub mod peruser;
+pub mod policy;
 pub mod proto;
 pub mod registry;
 pub mod restart;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use ocserv_agent::config::*;
 use ocserv_agent::ocserv::BackendKind;
+use ocserv_agent::policy::FailMode;
 
 const EXAMPLE: &str = include_str!("../examples/agent.toml");
 
@@ -42,6 +43,15 @@ const fn secs(n: u64) -> Duration {
 
 fn all_keys() -> Vec<String> {
     Config::default().entries().into_keys().collect()
+}
+
+/// Optional keys that are not set by default.
+fn unset_optional_keys() -> Vec<String> {
+    let entries = Config::default().entries().into_iter();
+    entries
+        .filter(|(_, v)| v.is_null())
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// Each case (file text, expected key, part of the reason) fails with that key and reason.
@@ -165,6 +175,37 @@ fn full_valid_file() {
         [log]
         level = "WARN"
         format = "json"
+        [hook]
+        socket = "/run/h/hook.sock"
+        allowed_uids = [0, 996]
+        max_connections = 65536
+        request_timeout = "2500ms"
+        [policy]
+        source = "portal"
+        fail_mode = "closed"
+        allow_ttl = "1d"
+        deny_ttl = "1s"
+        stale_for = "0s"
+        capacity = 10000000
+        [local_policy]
+        path = "/etc/ocserv-agent/policy.toml"
+        [portal]
+        endpoint = "https://portal.example.net:8443"
+        ca_file = "/etc/a/ca.pem"
+        cert_file = "/etc/a/cert.pem"
+        key_file = "/etc/a/key.pem"
+        server_name = "10.0.0.1"
+        call_timeout = "2s"
+        [portal.breaker]
+        consecutive_failures = 1000
+        failure_rate = 1
+        min_calls = 100000
+        window = "1h"
+        open_for = "100ms"
+        [config_writer]
+        per_user_dir = "/etc/ocserv/config-per-user"
+        per_group_dir = "/etc/ocserv/config-per-group"
+        backups = 0
     "#;
     let l = load_text(text, &[]).unwrap();
     assert!(l.defaults_used.is_empty(), "{:?}", l.defaults_used);
@@ -184,6 +225,19 @@ fn full_valid_file() {
     assert_eq!((s.restart_backoff_initial, s.restart_backoff_max, s.restart_intensity), (ms(10), ms(10), 1));
     assert_eq!((s.restart_window, s.shutdown_grace, s.call_timeout), (secs(3600), secs(3), ms(100)));
     assert_eq!((c.log.level.as_str(), c.log.format, s.backoff().ceiling(3)), ("warn", LogFormat::Json, ms(10)));
+    let (h, p, w) = (&c.hook, &c.policy, &c.config_writer);
+    assert_eq!((h.socket.to_str(), h.allowed_uids.as_slice()), (Some("/run/h/hook.sock"), &[0, 996][..]));
+    assert_eq!((h.max_connections, h.request_timeout), (65536, ms(2500)));
+    assert_eq!((p.source, p.fail_mode, p.allow_ttl, p.deny_ttl, p.stale_for, p.capacity), (PolicySource::Portal, FailMode::Closed, secs(86_400), secs(1), secs(0), 10_000_000));
+    assert_eq!(c.local_policy.path.as_deref(), Some(Path::new("/etc/ocserv-agent/policy.toml")));
+    let po = &c.portal;
+    assert_eq!((po.endpoint.as_deref(), po.is_tls(), po.server_name.as_deref()), (Some("https://portal.example.net:8443"), true, Some("10.0.0.1")));
+    let files = [&po.ca_file, &po.cert_file, &po.key_file].map(|f| f.as_ref().and_then(|p| p.to_str()));
+    assert_eq!(files, [Some("/etc/a/ca.pem"), Some("/etc/a/cert.pem"), Some("/etc/a/key.pem")]);
+    let b = po.breaker_settings();
+    assert_eq!((b.consecutive_failures, b.failure_rate, b.min_calls, b.window, b.open_for), (1000, 1.0, 100_000, secs(3600), ms(100)));
+    assert_eq!((po.call_timeout, b.probe_timeout), (secs(2), secs(4)));
+    assert_eq!((w.per_user_dir.as_deref(), w.per_group_dir.as_deref(), w.backups), (Some(Path::new("/etc/ocserv/config-per-user")), Some(Path::new("/etc/ocserv/config-per-group")), 0));
 }
 
 #[test]
@@ -433,7 +487,10 @@ fn render_round_trips_and_marks_defaults() {
         assert!(rendered.contains(line), "{line} in {rendered}");
     }
     let again = load_text(&rendered, &[]).unwrap();
-    assert_eq!((&again.config, again.defaults_used.is_empty()), (&l.config, true));
+    // Every key is written out, except unset optional ones (shown as comments).
+    let mut unset = unset_optional_keys();
+    unset.retain(|k| k != "grpc.listen");
+    assert_eq!((&again.config, &again.defaults_used), (&l.config, &unset));
     // An unset optional key is shown as a comment.
     assert!(load_env(&[]).unwrap().render().contains("# listen is not set  # default\n"));
     let d = l.describe_defaults();
@@ -470,6 +527,275 @@ fn live_changes_split_live_keys_from_restart_keys() {
     let restart = ["grpc.allowed_uids", "grpc.listen", "metrics.idle_timeout"];
     assert_eq!(c.need_restart, restart);
     // Every live key is a real key.
+    assert!(LIVE_KEYS
+        .iter()
+        .all(|k| all_keys().contains(&k.to_string())));
+}
+
+#[rustfmt::skip]
+#[test]
+fn policy_sections_defaults() {
+    let c = load_env(&[]).unwrap().config;
+    let h = &c.hook;
+    assert_eq!((h.socket.as_path(), h.allowed_uids.as_slice()), (Path::new("/run/ocserv-agent/hook.sock"), &[0][..]));
+    assert_eq!((h.max_connections, h.request_timeout), (256, secs(2)));
+    assert!(h.request_timeout < HOOK_PROGRAM_DEADLINE, "answers before the hook gives up");
+    let p = &c.policy;
+    assert_eq!((p.source, p.fail_mode), (PolicySource::Local, FailMode::Stale));
+    assert_eq!((p.allow_ttl, p.deny_ttl, p.stale_for, p.capacity), (secs(300), secs(30), secs(3600), 10_000));
+    let l = p.lifetimes();
+    assert_eq!((l.allow_ttl, l.deny_ttl, l.stale_for), (secs(300), secs(30), secs(3600)));
+    assert_eq!(c.local_policy.path, None);
+    let po = &c.portal;
+    assert_eq!((&po.endpoint, &po.ca_file, &po.cert_file, &po.key_file, &po.server_name), (&None, &None, &None, &None, &None));
+    assert_eq!((po.call_timeout, po.is_tls()), (secs(1), false));
+    let b = &po.breaker;
+    assert_eq!((b.consecutive_failures, b.failure_rate, b.min_calls, b.window, b.open_for), (5, Fraction(0.5), 20, secs(30), secs(10)));
+    ocserv_agent::breaker::Breaker::new(po.breaker_settings(), 1).expect("default settings are valid");
+    let w = &c.config_writer;
+    assert_eq!((&w.per_user_dir, &w.per_group_dir, w.backups), (&None, &None, 3));
+}
+
+#[test]
+fn no_policy_file_says_everyone_is_admitted() {
+    let c = load_env(&[]).unwrap().config;
+    let text = c.local_policy.describe();
+    assert!(
+        text.contains("every user that ocserv authenticated is admitted"),
+        "{text}"
+    );
+    let c = load_env(&[("OCSERV_AGENT__LOCAL_POLICY__PATH", "/etc/p.toml")])
+        .unwrap()
+        .config;
+    assert_eq!(c.local_policy.describe(), "local policy file /etc/p.toml");
+}
+
+#[rustfmt::skip]
+#[test]
+fn policy_sections_env_overrides() {
+    let l = load_env(&[
+        ("OCSERV_AGENT__HOOK__SOCKET", "/run/x/hook.sock"),
+        ("OCSERV_AGENT__HOOK__ALLOWED_UIDS", "0, 997"),
+        ("OCSERV_AGENT__HOOK__MAX_CONNECTIONS", "9"),
+        ("OCSERV_AGENT__HOOK__REQUEST_TIMEOUT", "1500ms"),
+        ("OCSERV_AGENT__POLICY__SOURCE", "portal"),
+        ("OCSERV_AGENT__POLICY__FAIL_MODE", "open"),
+        ("OCSERV_AGENT__POLICY__ALLOW_TTL", "1m"),
+        ("OCSERV_AGENT__POLICY__DENY_TTL", "5s"),
+        ("OCSERV_AGENT__POLICY__STALE_FOR", "2h"),
+        ("OCSERV_AGENT__POLICY__CAPACITY", "50"),
+        ("OCSERV_AGENT__LOCAL_POLICY__PATH", "/etc/p.toml"),
+        ("OCSERV_AGENT__PORTAL__ENDPOINT", "http://[::1]:50051"),
+        ("OCSERV_AGENT__PORTAL__SERVER_NAME", "portal.test"),
+        ("OCSERV_AGENT__PORTAL__CALL_TIMEOUT", "300ms"),
+        ("OCSERV_AGENT__PORTAL__BREAKER__CONSECUTIVE_FAILURES", "2"),
+        ("OCSERV_AGENT__PORTAL__BREAKER__FAILURE_RATE", "0.25"),
+        ("OCSERV_AGENT__PORTAL__BREAKER__MIN_CALLS", "3"),
+        ("OCSERV_AGENT__PORTAL__BREAKER__WINDOW", "1m"),
+        ("ocserv_agent__portal__breaker__open_for", "2s"),
+        ("OCSERV_AGENT__CONFIG_WRITER__PER_USER_DIR", "/u"),
+        ("OCSERV_AGENT__CONFIG_WRITER__PER_GROUP_DIR", "/g"),
+        ("OCSERV_AGENT__CONFIG_WRITER__BACKUPS", "100"),
+    ]).unwrap();
+    let c = &l.config;
+    assert_eq!((c.hook.socket.to_str(), c.hook.allowed_uids.as_slice()), (Some("/run/x/hook.sock"), &[0, 997][..]));
+    assert_eq!((c.hook.max_connections, c.hook.request_timeout), (9, ms(1500)));
+    let p = &c.policy;
+    assert_eq!((p.source, p.fail_mode, p.allow_ttl, p.deny_ttl, p.stale_for, p.capacity), (PolicySource::Portal, FailMode::Open, secs(60), secs(5), secs(7200), 50));
+    assert_eq!(c.local_policy.path.as_deref(), Some(Path::new("/etc/p.toml")));
+    let po = &c.portal;
+    assert_eq!((po.endpoint.as_deref(), po.is_tls(), po.server_name.as_deref(), po.call_timeout), (Some("http://[::1]:50051"), false, Some("portal.test"), ms(300)));
+    let b = &po.breaker;
+    assert_eq!((b.consecutive_failures, b.failure_rate, b.min_calls, b.window, b.open_for), (2, Fraction(0.25), 3, secs(60), secs(2)));
+    let w = &c.config_writer;
+    assert_eq!((w.per_user_dir.as_deref(), w.per_group_dir.as_deref(), w.backups), (Some(Path::new("/u")), Some(Path::new("/g")), 100));
+    assert!(!l.defaults_used.iter().any(|k| k.starts_with("portal.breaker.")), "{:?}", l.defaults_used);
+    // An integer rate from the environment is a number too.
+    let l = load_env(&[("OCSERV_AGENT__PORTAL__BREAKER__FAILURE_RATE", "1")]).unwrap();
+    assert_eq!(l.config.portal.breaker.failure_rate, Fraction(1.0));
+}
+
+#[rustfmt::skip]
+#[test]
+fn policy_sections_errors_name_the_key() {
+    let tls = "[portal]\nendpoint = \"https://portal.example.net:8443\"\nca_file = \"/ca\"\ncert_file = \"/c\"\nkey_file = \"/k\"\n";
+    let with_tls = |extra: &str| format!("{tls}{extra}");
+    assert_errors(&[], &[
+        ("[hook]\nsocket = \"hook.sock\"\n", "hook.socket", "absolute"),
+        ("[hook]\nsocket = \"/run/ocserv-agent/agent.sock\"\n", "hook.socket", "must differ from grpc.socket"),
+        ("[hook]\nallowed_uids = []\n", "hook.allowed_uids", "must not be empty"),
+        ("[hook]\nmax_connections = 0\n", "hook.max_connections", "between 1 and 65536"),
+        ("[hook]\nrequest_timeout = \"5ms\"\n", "hook.request_timeout", "between 10ms and 1m"),
+        ("[hook]\nrequest_timeout = \"61s\"\n", "hook.request_timeout", "between"),
+        ("[hook]\nrequest_timeout = \"1s\"\n", "portal.call_timeout", "must be below hook.request_timeout (1s), got 1s"),
+        ("[policy]\nsource = \"ldap\"\n", "policy.source", "one of: local, portal"),
+        ("[policy]\nfail_mode = \"maybe\"\n", "policy.fail_mode", "one of: stale, open, closed"),
+        ("[policy]\nallow_ttl = \"0s\"\n", "policy.allow_ttl", "between 1s and 1day"),
+        ("[policy]\ndeny_ttl = \"2d\"\n", "policy.deny_ttl", "between 1s and 1day"),
+        ("[policy]\nstale_for = \"8d\"\n", "policy.stale_for", "between 0s and 7days"),
+        ("[policy]\ncapacity = 0\n", "policy.capacity", "between 1 and 10000000"),
+        ("[policy]\nsource = \"portal\"\n", "portal.endpoint", "required when policy.source = \"portal\""),
+        ("[local_policy]\npath = \"policy.toml\"\n", "local_policy.path", "absolute"),
+        ("[local_policy]\npath = 5\n", "local_policy.path", "got integer 5"),
+        ("[portal]\nendpoint = \"portal.example.net:8443\"\n", "portal.endpoint", "expected https://host:port"),
+        ("[portal]\nendpoint = \"ftp://portal.example.net\"\n", "portal.endpoint", "expected https://host:port"),
+        ("[portal]\nendpoint = \"https://\"\n", "portal.endpoint", "https://host:port"),
+        ("[portal]\nendpoint = \"https://portal.example.net/api\"\n", "portal.endpoint", "path or query"),
+        ("[portal]\nendpoint = \"https://portal.example.net?x=1\"\n", "portal.endpoint", "path or query"),
+        ("[portal]\nendpoint = \"https://user@portal.example.net\"\n", "portal.endpoint", "user part"),
+        ("[portal]\nendpoint = \"https://portal.example.net:0\"\n", "portal.endpoint", "port 0"),
+        ("[portal]\nendpoint = \"https://bad_host!:1\"\n", "portal.endpoint", ""),
+        ("[portal]\nendpoint = \"http://portal.example.net:80\"\n", "portal.endpoint", "only allowed to a loopback IP address"),
+        ("[portal]\nendpoint = \"http://10.0.0.1:80\"\n", "portal.endpoint", "loopback"),
+        ("[portal]\nendpoint = \"http://localhost:80\"\n", "portal.endpoint", "loopback IP"),
+        ("[portal]\nendpoint = \"https://portal.example.net\"\n", "portal.ca_file", "required when portal.endpoint is https"),
+        ("[portal]\nendpoint = \"https://portal.example.net\"\nca_file = \"/ca\"\n", "portal.cert_file", "required when portal.endpoint is https"),
+        ("[portal]\nendpoint = \"https://portal.example.net\"\nca_file = \"/ca\"\ncert_file = \"/c\"\n", "portal.key_file", "required"),
+        ("[portal]\nendpoint = \"http://127.0.0.1:50051\"\nca_file = \"/ca\"\n", "portal.ca_file", "plaintext http"),
+        ("[portal]\nca_file = \"ca.pem\"\n", "portal.ca_file", "absolute"),
+        (&with_tls("key_file = \"k.pem\"\n").replace("key_file = \"/k\"\n", ""), "portal.key_file", "absolute"),
+        ("[portal]\nserver_name = \"-bad-\"\n", "portal.server_name", "DNS name or an IP address"),
+        ("[portal]\nserver_name = \"a..b\"\n", "portal.server_name", "DNS name"),
+        ("[portal]\ncall_timeout = \"0s\"\n", "portal.call_timeout", "between 1ms and 1m"),
+        ("[portal]\ncall_timeout = \"2s\"\n", "portal.call_timeout", "must be below hook.request_timeout (2s), got 2s"),
+        ("[portal]\nbreaker = 5\n", "portal.breaker", "expected a table, got integer 5"),
+        ("[portal.breaker]\nconsecutive_failures = 0\n", "portal.breaker.consecutive_failures", "between 1 and 1000"),
+        ("[portal.breaker]\nfailure_rate = 1.5\n", "portal.breaker.failure_rate", "between 0.0 and 1.0, got 1.5"),
+        ("[portal.breaker]\nfailure_rate = -0.1\n", "portal.breaker.failure_rate", "between 0.0 and 1.0, got -0.1"),
+        ("[portal.breaker]\nfailure_rate = \"half\"\n", "portal.breaker.failure_rate", "expected a number, got string \"half\""),
+        ("[portal.breaker]\nfailure_rate = nan\n", "portal.breaker.failure_rate", "expected a number"),
+        ("[portal.breaker]\nmin_calls = 0\n", "portal.breaker.min_calls", "between 1 and 100000"),
+        ("[portal.breaker]\nwindow = \"2h\"\n", "portal.breaker.window", "between 1s and 1h"),
+        ("[portal.breaker]\nopen_for = \"10ms\"\n", "portal.breaker.open_for", "between 100ms and 1h"),
+        ("[portal.breaker]\nopen_for = 10\n", "portal.breaker.open_for", "expected a duration"),
+        ("[config_writer]\nper_user_dir = \"ocserv/users\"\n", "config_writer.per_user_dir", "absolute"),
+        ("[config_writer]\nper_group_dir = \"groups\"\n", "config_writer.per_group_dir", "absolute"),
+        ("[config_writer]\nper_user_dir = \"/d\"\nper_group_dir = \"/d\"\n", "config_writer.per_group_dir", "must differ from config_writer.per_user_dir"),
+        ("[config_writer]\nbackups = 101\n", "config_writer.backups", "between 0 and 100"),
+        ("[config_writer]\nbackups = -1\n", "config_writer.backups", "got integer -1"),
+    ]);
+    // Valid edges.
+    for text in [
+        with_tls(""),
+        "[portal]\nendpoint = \"http://127.0.0.1:50051\"\n".to_owned(),
+        "[portal]\nendpoint = \"http://127.9.9.9:1/\"\n".to_owned(),
+        "[portal]\nendpoint = \"https://[2001:db8::1]:443\"\nca_file = \"/a\"\ncert_file = \"/b\"\nkey_file = \"/c\"\n".to_owned(),
+        "[portal.breaker]\nfailure_rate = 0\n".to_owned(),
+        "[portal.breaker]\nfailure_rate = -0.0\n".to_owned(),
+        "[policy]\nstale_for = \"0s\"\n[config_writer]\nbackups = 0\n".to_owned(),
+        "[hook]\nrequest_timeout = \"1s\"\n[portal]\ncall_timeout = \"999ms\"\n".to_owned(),
+        format!("{tls}[policy]\nsource = \"portal\"\n"),
+    ] {
+        load_text(&text, &[]).unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+    // The env override is named when it breaks a rule.
+    let e = load_env(&[("OCSERV_AGENT__PORTAL__BREAKER__FAILURE_RATE", "2")]).unwrap_err();
+    assert_eq!(e.key, "OCSERV_AGENT__PORTAL__BREAKER__FAILURE_RATE");
+    let e = load_env(&[("OCSERV_AGENT__POLICY__FAIL_MODE", "shut")]).unwrap_err();
+    assert_eq!((e.key.as_str(), e.reason.contains("stale, open, closed")), ("OCSERV_AGENT__POLICY__FAIL_MODE", true));
+}
+
+#[rustfmt::skip]
+#[test]
+fn subtables_name_unknown_keys_and_tables() {
+    let e = load_text("[portal.breaker]\nopen = \"1s\"\n", &[]).unwrap_err();
+    assert_eq!(e.to_string(), "invalid configuration: portal.breaker.open: unknown key (expected one of: consecutive_failures, failure_rate, min_calls, open_for, window)");
+    let e = load_text("[portal]\nbreakers = 1\n", &[]).unwrap_err();
+    assert_eq!(e.to_string(), "invalid configuration: portal.breakers: unknown key (expected one of: breaker, ca_file, call_timeout, cert_file, endpoint, key_file, server_name)");
+    assert_errors(&[], &[
+        ("[portal.breaker.x]\ny = 1\n", "portal.breaker.x", "unknown key"),
+        ("[hook.x]\ny = 1\n", "hook.x", "unknown key (expected one of: allowed_uids, max_connections, request_timeout, socket)"),
+        ("[policies]\nsource = \"local\"\n", "policies", "unknown section (expected one of: agent, config_writer, grpc, hook, local_policy, log, metrics, ocserv, policy, portal, supervisor)"),
+    ]);
+    for (var, reason) in [
+        ("OCSERV_AGENT__PORTAL__BREAKER", "portal.breaker: a table, not a key"),
+        ("OCSERV_AGENT__PORTAL__BREAKER__OPEN", "portal.breaker.open: unknown key (expected one of: consecutive_failures"),
+        ("OCSERV_AGENT__PORTAL__BREAKER__OPEN_FOR__X", "unknown key"),
+        ("OCSERV_AGENT__PORTAL__BREAKERS__OPEN_FOR", "portal.breakers.open_for: unknown key (expected one of: breaker, ca_file"),
+        ("OCSERV_AGENT__HOOK__SOCKET__X", "hook.socket.x: unknown key (expected one of: allowed_uids"),
+    ] {
+        let e = load_env(&[(var, "1")]).unwrap_err();
+        assert_eq!(e.key, var);
+        assert!(e.reason.contains(reason), "{var}: {e}");
+    }
+    assert_eq!(env_var_name("portal", "breaker.open_for"), "OCSERV_AGENT__PORTAL__BREAKER__OPEN_FOR");
+    assert_eq!(env_var_name("portal.breaker", "window"), "OCSERV_AGENT__PORTAL__BREAKER__WINDOW");
+}
+
+#[test]
+fn render_writes_subtables_after_their_section() {
+    let text =
+        "[portal]\nendpoint = \"http://127.0.0.1:1\"\n[portal.breaker]\nfailure_rate = 0.75\n";
+    let l = load_text(text, &[]).unwrap();
+    let rendered = l.render();
+    let (portal, breaker) = (
+        rendered.find("\n[portal]\n").unwrap(),
+        rendered.find("\n[portal.breaker]\n").unwrap(),
+    );
+    let call_timeout = rendered.find("call_timeout = \"1s\"  # default").unwrap();
+    assert!(
+        portal < call_timeout && call_timeout < breaker,
+        "{rendered}"
+    );
+    assert!(rendered.contains("failure_rate = 0.75\n"), "{rendered}");
+    assert!(
+        rendered.contains("# endpoint") || rendered.contains("endpoint = \"http://127.0.0.1:1\"\n")
+    );
+    let again = load_text(&rendered, &[]).unwrap();
+    assert_eq!(again.config, l.config);
+    let d = l.describe_defaults();
+    assert!(
+        d.contains(&"portal.breaker.open_for = \"10s\"".to_owned()),
+        "{d:?}"
+    );
+}
+
+#[test]
+fn policy_live_keys_and_reload_mix() {
+    let old = Config::default();
+    let mut new = old.clone();
+    new.hook.request_timeout = secs(3);
+    new.portal.call_timeout = secs(2);
+    new.policy.fail_mode = FailMode::Closed;
+    new.policy.allow_ttl = secs(1);
+    new.local_policy.path = Some("/p.toml".into());
+    new.config_writer.backups = 0;
+    new.policy.capacity = 5;
+    new.hook.socket = "/run/other.sock".into();
+    new.portal.breaker.open_for = secs(1);
+    new.portal.breaker.failure_rate = Fraction(0.1);
+    let c = live_changes(&old, &new);
+    let applied = [
+        "config_writer.backups",
+        "hook.request_timeout",
+        "local_policy.path",
+        "policy.allow_ttl",
+        "policy.fail_mode",
+        "portal.call_timeout",
+    ];
+    assert_eq!(c.applied, applied);
+    let restart = [
+        "hook.socket",
+        "policy.capacity",
+        "portal.breaker.failure_rate",
+        "portal.breaker.open_for",
+    ];
+    assert_eq!(c.need_restart, restart);
+    // The running mix takes the live keys (nested ones too) and keeps the others; it is valid.
+    let mixed = with_live_keys(&old, &new);
+    assert_eq!(
+        (mixed.portal.call_timeout, mixed.hook.request_timeout),
+        (secs(2), secs(3))
+    );
+    assert_eq!(
+        (mixed.policy.fail_mode, mixed.config_writer.backups),
+        (FailMode::Closed, 0)
+    );
+    assert_eq!(
+        (mixed.policy.capacity, &mixed.portal.breaker),
+        (10_000, &old.portal.breaker)
+    );
+    assert_eq!(mixed.validate(), Ok(()));
     assert!(LIVE_KEYS
         .iter()
         .all(|k| all_keys().contains(&k.to_string())));

@@ -10,6 +10,9 @@
 //! deserialized strictly (a TOML integer is not a string). Environment values are strings, typed
 //! like the key's default: numbers, booleans, comma-separated lists.
 //!
+//! A section may hold one level of subtables (`[portal.breaker]`): their keys are named
+//! `portal.breaker.open_for` and overridden by `OCSERV_AGENT__PORTAL__BREAKER__OPEN_FOR`.
+//!
 //! Output: a [`Loaded`]: the validated [`Config`], its source, the keys left at their default.
 //! Failure: one [`ConfigError`] naming the dotted key (`ocserv.request_timeout`), the environment
 //! variable when the value came from there, or the file for file-level problems, and the reason;
@@ -47,10 +50,15 @@ macro_rules! section {
 }
 
 mod agent;
+mod config_writer;
 mod grpc;
+mod hook;
+mod local_policy;
 mod log;
 mod metrics;
 mod ocserv;
+mod policy;
+mod portal;
 mod supervisor;
 
 use std::collections::BTreeMap;
@@ -67,10 +75,15 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value as Json};
 
 pub use agent::{default_agent_id, AgentConfig};
+pub use config_writer::ConfigWriterConfig;
 pub use grpc::GrpcConfig;
+pub use hook::{HookConfig, HOOK_PROGRAM_DEADLINE};
+pub use local_policy::LocalPolicyConfig;
 pub use log::{LogConfig, LogFormat};
 pub use metrics::MetricsConfig;
 pub use ocserv::OcservConfig;
+pub use policy::{PolicyConfig, PolicySource};
+pub use portal::{Fraction, PortalBreakerConfig, PortalConfig};
 pub use supervisor::{SupervisorConfig, RESTART_BACKOFF_MULTIPLIER};
 
 /// Process exit code for an invalid configuration (`EX_CONFIG` from sysexits.h).
@@ -82,6 +95,12 @@ pub const ENV_PREFIX: &str = "OCSERV_AGENT";
 /// Separator between prefix, section and key in environment override names.
 pub const ENV_SEPARATOR: &str = "__";
 /// Keys a running agent can apply on SIGHUP; a change to any other key needs a restart.
+///
+/// A live key is one the agent reads where it uses it (a deadline, a lifetime, a path read at
+/// each reload), never one that shaped something built once (a socket, a TLS client, a
+/// directory written at start). No rule spans a live key and a restart-only one (except that
+/// both live timeouts of the hook/portal rule are live together), so the mix of running and
+/// new values that [`with_live_keys`] makes always passes [`Config::validate`].
 pub const LIVE_KEYS: &[&str] = &[
     "log.level",
     "ocserv.reconcile_interval",
@@ -89,6 +108,14 @@ pub const LIVE_KEYS: &[&str] = &[
     "grpc.request_timeout",
     "supervisor.call_timeout",
     "supervisor.shutdown_grace",
+    "hook.request_timeout",
+    "policy.fail_mode",
+    "policy.allow_ttl",
+    "policy.deny_ttl",
+    "policy.stale_for",
+    "local_policy.path",
+    "portal.call_timeout",
+    "config_writer.backups",
 ];
 
 /// An invalid configuration: which key (dotted, env var name, or file path) and why.
@@ -121,31 +148,97 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub supervisor: SupervisorConfig,
     pub log: LogConfig,
+    pub hook: HookConfig,
+    pub policy: PolicyConfig,
+    pub local_policy: LocalPolicyConfig,
+    pub portal: PortalConfig,
+    pub config_writer: ConfigWriterConfig,
 }
 
 impl Config {
-    /// Every section's checks; the first failure names its dotted key.
+    /// Every section's checks, then the rules that span sections; the first failure names its
+    /// dotted key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.agent.validate()?;
         self.ocserv.validate()?;
         self.grpc.validate()?;
         self.metrics.validate()?;
         self.supervisor.validate()?;
-        self.log.validate()
+        self.log.validate()?;
+        self.hook.validate()?;
+        self.policy.validate()?;
+        self.local_policy.validate()?;
+        self.portal.validate()?;
+        self.config_writer.validate()?;
+        self.cross_rules()
     }
 
-    /// Every key as `section.key` with its value, sorted; `null` for an unset optional key.
+    /// Rules between sections.
+    fn cross_rules(&self) -> Result<(), ConfigError> {
+        if self.policy.source == PolicySource::Portal && self.portal.endpoint.is_none() {
+            return fail(
+                "portal.endpoint",
+                "required when policy.source = \"portal\"",
+            );
+        }
+        // The portal's failure must be known while the hook's request can still be answered
+        // (from the fail mode); checked whatever the source, so that a reload swapping only
+        // the live timeouts can never make an invalid mix.
+        let (call, request) = (self.portal.call_timeout, self.hook.request_timeout);
+        if call >= request {
+            let (c, r) = (call.show(), request.show());
+            let why = format!("must be below hook.request_timeout ({r}), got {c}");
+            return fail("portal.call_timeout", why);
+        }
+        if self.hook.socket == self.grpc.socket {
+            let why = format!(
+                "must differ from grpc.socket ({})",
+                self.grpc.socket.display()
+            );
+            return fail("hook.socket", why);
+        }
+        Ok(())
+    }
+
+    /// Every key as `section.key` (or `section.subtable.key`) with its value, sorted; `null`
+    /// for an unset optional key.
     pub fn entries(&self) -> BTreeMap<String, Json> {
-        let mut out = BTreeMap::new();
-        if let Ok(Json::Object(sections)) = serde_json::to_value(self) {
-            for (s, table) in sections {
-                for (k, v) in table.as_object().into_iter().flatten() {
-                    out.insert(format!("{s}.{k}"), v.clone());
+        fn walk(prefix: &str, value: &Json, out: &mut BTreeMap<String, Json>) {
+            match value {
+                Json::Object(table) => {
+                    for (k, v) in table {
+                        walk(&join(prefix, k), v, out);
+                    }
+                }
+                v => {
+                    out.insert(prefix.to_owned(), v.clone());
                 }
             }
         }
+        let mut out = BTreeMap::new();
+        if let Ok(tree) = serde_json::to_value(self) {
+            walk("", &tree, &mut out);
+        }
         out
     }
+}
+
+/// `prefix.key`, or `key` at the top.
+fn join(prefix: &str, key: &str) -> String {
+    match prefix {
+        "" => key.to_owned(),
+        p => format!("{p}.{key}"),
+    }
+}
+
+/// The value at a dotted path (`portal.breaker.open_for`) of a tree.
+fn lookup<'a>(tree: &'a Json, dotted: &str) -> Option<&'a Json> {
+    dotted.split('.').try_fold(tree, |t, part| t.get(part))
+}
+
+/// [`lookup`], mutable.
+fn lookup_mut<'a>(tree: &'a mut Json, dotted: &str) -> Option<&'a mut Json> {
+    dotted.split('.').try_fold(tree, |t, part| t.get_mut(part))
 }
 
 /// What a reload changed: dotted keys a running agent applies, and those that need a restart.
@@ -176,8 +269,8 @@ pub fn with_live_keys(old: &Config, new: &Config) -> Config {
         return old.clone();
     };
     for key in LIVE_KEYS {
-        if let Some((s, k)) = key.split_once('.') {
-            tree[s][k] = fresh[s][k].clone();
+        if let (Some(slot), Some(value)) = (lookup_mut(&mut tree, key), lookup(&fresh, key)) {
+            *slot = value.clone();
         }
     }
     serde_json::from_value(tree).unwrap_or_else(|_| old.clone())
@@ -233,18 +326,23 @@ impl Loaded {
     pub fn render(&self) -> String {
         // A path could hold a newline; keep the header one comment line.
         let mut out = format!("# {}\n", self.summary().replace('\n', " "));
-        let mut current = "";
-        for (dotted, value) in &self.config.entries() {
-            let (section, key) = dotted.split_once('.').unwrap_or_default();
-            if section != current {
-                out += &format!("\n[{section}]\n");
-                current = section;
+        // Grouped by table: `[portal]`'s own keys must come before `[portal.breaker]`, which
+        // sorts first among the dotted keys but after `portal` among table names.
+        let mut tables: BTreeMap<&str, Vec<(&str, &String, &Json)>> = BTreeMap::new();
+        let entries = self.config.entries();
+        for (dotted, value) in &entries {
+            let (table, key) = dotted.rsplit_once('.').unwrap_or_default();
+            tables.entry(table).or_default().push((key, dotted, value));
+        }
+        for (table, keys) in tables {
+            out += &format!("\n[{table}]\n");
+            for (key, dotted, value) in keys {
+                let mark = ["", "  # default"][usize::from(self.defaults_used.contains(dotted))];
+                out += &match value {
+                    Json::Null => format!("# {key} is not set{mark}\n"),
+                    v => format!("{key} = {}{mark}\n", toml_value(v)),
+                };
             }
-            let mark = ["", "  # default"][usize::from(self.defaults_used.contains(dotted))];
-            out += &match value {
-                Json::Null => format!("# {key} is not set{mark}\n"),
-                v => format!("{key} = {}{mark}\n", toml_value(v)),
-            };
         }
         out
     }
@@ -258,9 +356,12 @@ fn toml_value(v: &Json) -> String {
     }
 }
 
-/// The env var of a key: `ocserv.request_timeout` → `OCSERV_AGENT__OCSERV__REQUEST_TIMEOUT`.
+/// The env var of a key: `ocserv.request_timeout` → `OCSERV_AGENT__OCSERV__REQUEST_TIMEOUT`;
+/// a dot in `section` or `key` (a subtable) becomes a separator too: `("portal",
+/// "breaker.open_for")` → `OCSERV_AGENT__PORTAL__BREAKER__OPEN_FOR`.
 pub fn env_var_name(section: &str, key: &str) -> String {
-    let (s, k) = (section.to_uppercase(), key.to_uppercase());
+    let upper = |s: &str| s.to_uppercase().replace('.', ENV_SEPARATOR);
+    let (s, k) = (upper(section), upper(key));
     format!("{ENV_PREFIX}{ENV_SEPARATOR}{s}{ENV_SEPARATOR}{k}")
 }
 
@@ -310,28 +411,25 @@ pub fn load_from(
     }
     let built = builder.build().map_err(|e| build_error(file, e))?;
     let tree = ::config::Source::collect(&built).map_err(|e| build_error(file, e))?;
-    let mut tree: Map<String, Json> = tree.into_iter().map(|(k, v)| (k, to_json(v))).collect();
+    let tree: Map<String, Json> = tree.into_iter().map(|(k, v)| (k, to_json(v))).collect();
+    let mut tree = Json::Object(tree);
     for (dotted, (_, raw)) in &overrides {
-        let (section, key) = dotted.split_once('.').unwrap_or_default();
-        if let Some(table) = tree.get_mut(section).and_then(Json::as_object_mut) {
+        let (table, key) = dotted.rsplit_once('.').unwrap_or_default();
+        if let Some(table) = lookup_mut(&mut tree, table).and_then(Json::as_object_mut) {
             table.insert(key.into(), coerce(raw, &defaults[dotted]));
         }
     }
 
     let name = |key: String| overrides.get(&key).map_or(key, |(var, _)| var.clone());
-    let config: Config = serde_json::from_value(Json::Object(tree.clone())).map_err(|e| {
-        let (key, why) = culprit(&tree, &defaults).unwrap_or(("config".into(), e.to_string()));
+    let config: Config = serde_json::from_value(tree.clone()).map_err(|e| {
+        let found = tree.as_object().and_then(|t| culprit("", t, &defaults));
+        let (key, why) = found.unwrap_or(("config".into(), e.to_string()));
         ConfigError::new(name(key), why)
     })?;
     config
         .validate()
         .map_err(|e| ConfigError::new(name(e.key), e.reason))?;
-    let set = |dotted: &String| {
-        let (section, key) = dotted.split_once('.').unwrap_or_default();
-        tree.get(section)
-            .and_then(Json::as_object)
-            .is_some_and(|t| t.contains_key(key))
-    };
+    let set = |dotted: &String| lookup(&tree, dotted).is_some();
     let defaults_used = defaults.into_keys().filter(|k| !set(k)).collect();
     let source = file.map(|p| ConfigSource::File(p.into()));
     let source = source.unwrap_or(ConfigSource::EmbeddedDefaults);
@@ -384,12 +482,14 @@ fn env_overrides(env: &[(String, String)], keys: &Keys) -> Result<Overrides, Con
     let mut out = Overrides::new();
     for (var, value) in env {
         let Some(rest) = env_key(var) else { continue };
-        let Some((section, key)) = rest.split_once(ENV_SEPARATOR) else {
+        if !rest.contains(ENV_SEPARATOR) {
             let form = env_var_name("<section>", "<key>");
             return fail(var, format!("environment overrides are named {form}"));
-        };
-        let dotted = format!("{section}.{key}");
-        if let Some(why) = unknown(keys, &dotted) {
+        }
+        let dotted = rest.replace(ENV_SEPARATOR, ".");
+        if !keys.contains_key(&dotted) {
+            let table = || format!("a table, not a key: set its keys one by one ({var}__<KEY>)");
+            let why = unknown(keys, &dotted).unwrap_or_else(table);
             return fail(var, format!("{dotted}: {why}"));
         }
         if let Some((other, _)) = out.get(&dotted) {
@@ -400,18 +500,37 @@ fn env_overrides(env: &[(String, String)], keys: &Keys) -> Result<Overrides, Con
     Ok(out)
 }
 
-/// Why `name` (a section, or `section.key`) names nothing, with what would have been known.
+/// Whether `name` is a section or a subtable (some key lies under it).
+fn is_table(keys: &Keys, name: &str) -> bool {
+    let under = |k: &&String| k.strip_prefix(name).is_some_and(|r| r.starts_with('.'));
+    keys.keys().any(|k| under(&k))
+}
+
+/// Why `name` (a section, subtable or key) names nothing, with what the closest known table
+/// holds (its keys and subtables), or the sections when not even its first part is known.
 fn unknown(keys: &Keys, name: &str) -> Option<String> {
-    let all = || keys.keys().filter_map(|k| k.split_once('.'));
-    let section = name.split('.').next().unwrap_or_default();
-    let in_section = all().filter(|(s, _)| *s == section).map(|(_, k)| k);
-    let (what, mut known): (_, Vec<_>) = match all().any(|(s, _)| s == section) {
-        true if name.contains('.') && !keys.contains_key(name) => ("key", in_section.collect()),
-        true => return None,
-        false => ("section", all().map(|(s, _)| s).collect()),
+    if keys.contains_key(name) || is_table(keys, name) {
+        return None;
+    }
+    let mut parent = name;
+    let table = loop {
+        match parent.rsplit_once('.') {
+            Some((p, _)) if is_table(keys, p) => break Some(p),
+            Some((p, _)) => parent = p,
+            None => break None,
+        }
     };
-    known.dedup();
-    let known = known.join(", ");
+    fn child<'k>(table: Option<&str>, k: &'k str) -> Option<&'k str> {
+        let rest = match table {
+            Some(t) => k.strip_prefix(t)?.strip_prefix('.')?,
+            None => k,
+        };
+        rest.split('.').next()
+    }
+    let known: std::collections::BTreeSet<&str> =
+        keys.keys().filter_map(|k| child(table, k)).collect();
+    let what = ["section", "key"][usize::from(table.is_some())];
+    let known = known.into_iter().collect::<Vec<_>>().join(", ");
     Some(format!("unknown {what} (expected one of: {known})"))
 }
 
@@ -450,25 +569,29 @@ fn coerce(raw: &str, default: &Json) -> Json {
     }
 }
 
-/// The first (sorted) section or key whose value alone fails to deserialize, and why.
-fn culprit(tree: &Map<String, Json>, keys: &Keys) -> Option<(String, String)> {
-    let alone =
-        |name: &str, value: &Json| Json::Object(Map::from_iter([(name.into(), value.clone())]));
-    let fails = |section: &str, v: &Json| serde_json::from_value::<Config>(alone(section, v)).err();
-    for (section, value) in tree {
-        if let Some(why) = unknown(keys, section) {
-            return Some((section.clone(), why));
+/// The first (sorted) section, subtable or key under `prefix` whose value alone fails to
+/// deserialize, and why: the deepest one, so a bad key in a subtable is named itself.
+fn culprit(prefix: &str, table: &Map<String, Json>, keys: &Keys) -> Option<(String, String)> {
+    // A config holding only `value` at `dotted`.
+    let fails = |dotted: &str, value: &Json| {
+        let wrap = |v, part: &str| Json::Object(Map::from_iter([(part.to_owned(), v)]));
+        let alone = dotted.rsplit('.').fold(value.clone(), wrap);
+        serde_json::from_value::<Config>(alone).err()
+    };
+    for (key, value) in table {
+        let dotted = join(prefix, key);
+        if let Some(why) = unknown(keys, &dotted) {
+            return Some((dotted, why));
         }
-        let Json::Object(table) = value else {
-            return fails(section, value).map(|e| (section.clone(), reason(&e, value)));
+        let Some(e) = fails(&dotted, value) else {
+            continue;
         };
-        for (key, v) in table {
-            if let Some(e) = fails(section, &alone(key, v)) {
-                let dotted = format!("{section}.{key}");
-                let why = unknown(keys, &dotted).unwrap_or_else(|| reason(&e, v));
-                return Some((dotted, why));
+        if let Json::Object(inner) = value {
+            if let Some(found) = culprit(&dotted, inner, keys) {
+                return Some(found);
             }
         }
+        return Some((dotted, reason(&e, value)));
     }
     None
 }
@@ -495,6 +618,7 @@ fn reason(e: &serde_json::Error, got: &Json) -> String {
         }
         Some((_, "a duration")) => "a duration like \"2s\" or \"250ms\"".to_owned(),
         Some((_, "usize" | "u32" | "u64")) => "a whole number".to_owned(),
+        Some((_, "f64")) => "a number".to_owned(),
         Some((_, "path string")) => "an absolute path".to_owned(),
         Some((_, what)) if what.starts_with("struct ") => "a table".to_owned(),
         Some((_, what)) => what.to_owned(),
