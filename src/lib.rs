@@ -11,6 +11,7 @@ pub mod gate;
 pub mod grpc;
 pub mod grpc_edge;
 pub mod health;
+pub mod hook_proto;
 pub mod messages;
 pub mod metrics;
 pub mod ocserv;
