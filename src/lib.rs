@@ -13,6 +13,7 @@ pub mod grpc;
 pub mod grpc_edge;
 pub mod health;
 pub mod heavy;
+pub mod hook_proto;
 pub mod messages;
 pub mod metrics;
 pub mod ocserv;
