@@ -97,9 +97,10 @@ fn main() -> eyre::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"1s\"\n\n[grpc]\nsocket = {:?}\n\n[metrics]\nlisten = \"{metrics}\"\n",
+            "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"1s\"\n\n[grpc]\nsocket = {:?}\n\n[hook]\nsocket = {:?}\n\n[metrics]\nlisten = \"{metrics}\"\n",
             lab.occtl_socket.display().to_string(),
-            grpc.display().to_string()
+            grpc.display().to_string(),
+            lab.dir.join("hook.sock").display().to_string()
         ),
     )?;
     let log = std::fs::File::create(lab.dir.join("agent.log"))?;

@@ -14,10 +14,11 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 
 use crate::actors::supervisor::{ExitReason, Supervisor, SupervisorArgs};
-use crate::actors::{Context, SUPERVISOR};
+use crate::actors::{Context, Endpoints, SUPERVISOR};
 use crate::config::{Changes, Config};
 use crate::messages::SupervisorMsg;
 use crate::metrics::Metrics;
+use crate::policy::local::LocalPolicy;
 use crate::serve::{Endpoint, Limits, Listener};
 
 /// Exit code when the supervisor gave up (restart intensity exceeded): EX_SOFTWARE.
@@ -58,7 +59,7 @@ pub fn raise_nofile_limit() -> Option<(u64, u64, u64)> {
 }
 
 /// Binds every listener of `config`: the gRPC Unix socket, the optional TCP address, metrics.
-fn endpoints(config: &Config) -> eyre::Result<(Vec<Arc<Endpoint>>, Arc<Endpoint>)> {
+fn endpoints(config: &Config) -> eyre::Result<Endpoints> {
     let g = &config.grpc;
     let grpc_limits = Limits {
         max_connections: g.max_connections,
@@ -92,20 +93,54 @@ fn endpoints(config: &Config) -> eyre::Result<(Vec<Arc<Endpoint>>, Arc<Endpoint>
             read_timeout: m.header_timeout,
         },
     ));
-    Ok((grpc, metrics))
+    let h = &config.hook;
+    let hook = Arc::new(Endpoint::new(
+        "hook",
+        Listener::unix(&h.socket, h.allowed_uids.clone(), "hook.socket")?,
+        Limits {
+            max_connections: h.max_connections,
+            // One request per connection, answered within the request timeout.
+            idle_timeout: h.request_timeout,
+            read_timeout: h.request_timeout,
+        },
+    ));
+    Ok(Endpoints {
+        grpc,
+        metrics,
+        hook,
+    })
+}
+
+/// The local policy of `config`: the file of `local_policy.path`, or "admit everyone that ocserv
+/// authenticated" without one (said in the log).
+pub fn local_policy(config: &Config) -> eyre::Result<LocalPolicy> {
+    match &config.local_policy.path {
+        Some(path) => {
+            crate::policy::local::load(path).map_err(|e| eyre::eyre!("local_policy.path: {e}"))
+        }
+        None => {
+            if config.policy.source == crate::config::PolicySource::Local {
+                tracing::info!("{}", config.local_policy.describe());
+            }
+            Ok(LocalPolicy::admit_all())
+        }
+    }
 }
 
 /// Starts the actor tree. Returns once every actor has started.
 pub async fn start(config: Config) -> eyre::Result<Agent> {
-    let (grpc, metrics_ep) = endpoints(&config)?;
+    let local = local_policy(&config)?;
+    let endpoints = endpoints(&config)?;
     let grpc_socket = config.grpc.socket.clone();
-    let grpc_addr = grpc.iter().find_map(|e| e.listener.local_addr());
-    let metrics_addr = metrics_ep
+    let hook_socket = config.hook.socket.clone();
+    let grpc_addr = endpoints.grpc.iter().find_map(|e| e.listener.local_addr());
+    let metrics_addr = endpoints
+        .metrics
         .listener
         .local_addr()
         .ok_or_else(|| eyre::eyre!("metrics.listen: no local address"))?;
     let metrics = Arc::new(Metrics::new());
-    let ctx = Arc::new(Context::new(config, metrics.clone(), grpc, metrics_ep));
+    let ctx = Arc::new(Context::new(config, metrics.clone(), endpoints, local));
     let (exit_tx, exit_rx) = watch::channel(None);
     let started = Actor::spawn(
         Some(SUPERVISOR.to_string()),
@@ -125,6 +160,7 @@ pub async fn start(config: Config) -> eyre::Result<Agent> {
                 .map(|r| format!("{r:?}"))
                 .unwrap_or_default();
             let _ = std::fs::remove_file(&grpc_socket);
+            let _ = std::fs::remove_file(&hook_socket);
             return Err(eyre::eyre!("cannot start the actor tree: {e} {detail}"));
         }
     };
@@ -271,6 +307,7 @@ where
     };
     let old = ctx.config();
     let changes = crate::config::live_changes(&old, &new);
+    reload_local_policy(ctx, crate::config::with_live_keys(&old, &new)).await;
     if changes.applied.is_empty() && changes.need_restart.is_empty() {
         tracing::info!("SIGHUP: configuration unchanged");
         return Ok(changes);
@@ -287,6 +324,26 @@ where
         "SIGHUP: configuration reloaded"
     );
     Ok(changes)
+}
+
+/// Re-reads the local policy for the configuration about to be in force (its file may have
+/// changed even when the configuration has not); an invalid file keeps the policy in force, says
+/// why and is counted.
+async fn reload_local_policy(ctx: &Context, config: Config) {
+    match tokio::task::spawn_blocking(move || local_policy(&config)).await {
+        Ok(Ok(policy)) => {
+            ctx.set_local_policy(policy);
+            ctx.metrics.local_policy_reload(true);
+        }
+        Ok(Err(e)) => {
+            tracing::error!("SIGHUP: {e}; keeping the local policy in force");
+            ctx.metrics.local_policy_reload(false);
+        }
+        Err(e) => {
+            tracing::error!("SIGHUP: reading the local policy failed: {e}");
+            ctx.metrics.local_policy_reload(false);
+        }
+    }
 }
 
 #[cfg(test)]

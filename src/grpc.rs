@@ -282,6 +282,67 @@ async fn encode_view(view: SessionsView, stats: bool) -> Result<EncodedReply, St
         .map_err(|e| Status::internal(format!("encoding the session list: {e}")))
 }
 
+/// What [`kick_sessions`] did.
+#[derive(Debug, Default)]
+pub struct Kicked {
+    /// Sessions this call disconnected.
+    pub done: Vec<SessionKey>,
+    /// Why others failed, one line each.
+    pub errors: Vec<String>,
+    /// Sessions not tried before the deadline.
+    pub not_attempted: usize,
+}
+
+/// Disconnects each session by its full identity (re-checked by ocserv in the same step) before
+/// `deadline`. Concurrent kicks of one session count once ([`Kicks`]): a session another caller
+/// is kicking is neither done nor an error here. The registry is told to forget what was done.
+pub async fn kick_sessions(ctx: &Context, targets: &[SessionKey], deadline: Instant) -> Kicked {
+    let mut out = Kicked::default();
+    for key in targets {
+        let claim = match ctx.kicks.claim(key, deadline).await {
+            Some(Claimed::Mine(c)) => c,
+            // Another caller disconnected it: not ours to count.
+            Some(Claimed::Taken) => continue,
+            None => {
+                out.not_attempted += 1;
+                continue;
+            }
+        };
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            claim.finish(false);
+            out.not_attempted += 1;
+            continue;
+        }
+        let k = key.clone();
+        let outcome = call(crate::actors::OCSERV_CTL, left, false, |r| {
+            CtlMsg::DisconnectSession(k.clone(), r)
+        })
+        .await
+        .map_err(actor_status)
+        .and_then(|r| r.map_err(ctl_status));
+        match outcome {
+            Ok(DisconnectOutcome::Done) => {
+                claim.finish(true);
+                out.done.push(key.clone());
+            }
+            // Ended on its own, or its ID now names another session: nothing done.
+            Ok(DisconnectOutcome::NotFound) => claim.finish(false),
+            Err(e) => {
+                claim.finish(false);
+                out.errors.push(format!("session {key}: {}", e.message()));
+            }
+        }
+    }
+    if !out.done.is_empty() {
+        // Best effort: the next reconcile removes them anyway.
+        if let Some(cell) = ractor::registry::where_is(SESSION_REGISTRY) {
+            let _ = cell.send_message(RegistryMsg::Forget(out.done.clone()));
+        }
+    }
+    out
+}
+
 /// Which of a user's sessions a `DisconnectUser` takes: all of them, or only the newest (latest
 /// connection time, then highest ID).
 pub fn disconnect_targets(sessions: &[Session], all: bool) -> Vec<SessionKey> {
@@ -462,41 +523,11 @@ impl VpnAgent {
             .ctl(deadline, true, |r| CtlMsg::UserInfo(username.clone(), r))
             .await?;
         let targets = disconnect_targets(&sessions, req.disconnect_all_sessions);
-        let mut done = Vec::new();
-        let mut errors = Vec::new();
-        let mut not_attempted = 0usize;
-        for key in &targets {
-            let claim = match self.ctx.kicks.claim(key, deadline).await {
-                Some(Claimed::Mine(c)) => c,
-                // Another caller disconnected it: not ours to count.
-                Some(Claimed::Taken) => continue,
-                None => {
-                    not_attempted += 1;
-                    continue;
-                }
-            };
-            if Instant::now() >= deadline {
-                claim.finish(false);
-                not_attempted += 1;
-                continue;
-            }
-            let k = key.clone();
-            match self
-                .ctl(deadline, false, |r| CtlMsg::DisconnectSession(k.clone(), r))
-                .await
-            {
-                Ok(DisconnectOutcome::Done) => {
-                    claim.finish(true);
-                    done.push(key.clone());
-                }
-                // Ended on its own, or its ID now names another session: nothing done.
-                Ok(DisconnectOutcome::NotFound) => claim.finish(false),
-                Err(e) => {
-                    claim.finish(false);
-                    errors.push(format!("session {key}: {}", e.message()));
-                }
-            }
-        }
+        let Kicked {
+            done,
+            mut errors,
+            not_attempted,
+        } = kick_sessions(&self.ctx, &targets, deadline).await;
         if not_attempted > 0 {
             errors.push(format!(
                 "{not_attempted} session(s) not attempted within grpc.request_timeout ({})",
@@ -512,12 +543,6 @@ impl VpnAgent {
             caller_addr = ?peer.as_ref().and_then(|p| p.addr),
             "disconnected sessions on request"
         );
-        if !done.is_empty() {
-            // Best effort: the next reconcile removes them anyway.
-            if let Some(cell) = ractor::registry::where_is(SESSION_REGISTRY) {
-                let _ = cell.send_message(RegistryMsg::Forget(done.clone()));
-            }
-        }
         if done.is_empty() {
             return Err(if !errors.is_empty() {
                 Status::unavailable(errors.join("; "))

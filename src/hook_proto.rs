@@ -809,51 +809,9 @@ pub fn request_from_env(
 // ---------------------------------------------------------------------------------------------
 // Responses
 
-/// Where a decision came from (metric label and wire value).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Source {
-    /// The portal answered for this request.
-    Fresh,
-    /// A cached decision within its fresh TTL.
-    Cached,
-    /// A cached decision past its TTL, used because the portal is unreachable.
-    Stale,
-    /// No decision could be had; the agent's fail mode admitted.
-    FailOpen,
-    /// No decision could be had; the agent's fail mode refused.
-    FailClosed,
-    /// Decided by the agent itself (a local rule, an invalid request, a non-connect event).
-    LocalPolicy,
-}
-
-impl Source {
-    /// The wire (and metric label) spelling, e.g. `fail_open`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Fresh => "fresh",
-            Source::Cached => "cached",
-            Source::Stale => "stale",
-            Source::FailOpen => "fail_open",
-            Source::FailClosed => "fail_closed",
-            Source::LocalPolicy => "local_policy",
-        }
-    }
-
-    /// The source spelled `text`, if any.
-    pub fn from_wire(text: &str) -> Option<Source> {
-        [
-            Source::Fresh,
-            Source::Cached,
-            Source::Stale,
-            Source::FailOpen,
-            Source::FailClosed,
-            Source::LocalPolicy,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
-    }
-}
+/// Where a decision came from (metric label and wire value): the one definition, shared with
+/// the policy cache.
+pub use crate::policy::Source;
 
 /// The agent's answer to one hook request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

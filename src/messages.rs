@@ -106,10 +106,76 @@ pub enum RegistryMsg {
     /// Sessions the agent just disconnected, by full identity: dropped at once, and kept out
     /// of any reconcile whose fetch started before this notice.
     Forget(Vec<SessionKey>),
+    /// A disconnect or host-update reported by ocserv's script through the hook.
+    HookEvent(HookEvent),
     Crash,
 }
 
-/// To the `GrpcFrontDoor` and `MetricsServer` actors.
+/// What ocserv's disconnect or host-update script reported (through the hook program).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookEvent {
+    pub reason: crate::hook_proto::Reason,
+    /// ocserv's `ID` (the worker's PID; recycled, so matched together with the username).
+    pub id: u32,
+    pub username: String,
+    /// Disconnect only: the session's final counters (`STATS_BYTES_IN/OUT`) and duration.
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    pub duration: Option<Duration>,
+    /// When the agent received it.
+    pub at: std::time::SystemTime,
+}
+
+/// What the hook knows about a connect, for the policy sources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyQuery {
+    pub username: String,
+    /// Empty when the user has no group.
+    pub groupname: String,
+    pub client_ip: Option<IpAddr>,
+    pub vpn_ip: Option<IpAddr>,
+    /// ocserv's `ID`; sent to the portal as the decimal string that `GetActiveSessions` reports
+    /// as `session_id`.
+    pub session_id: u32,
+    pub device: String,
+}
+
+impl From<&crate::hook_proto::HookRequest> for PolicyQuery {
+    fn from(r: &crate::hook_proto::HookRequest) -> Self {
+        Self {
+            username: r.username.clone(),
+            groupname: r.groupname.clone(),
+            client_ip: r.ip_real,
+            vpn_ip: r.ip_remote,
+            session_id: r.session_id,
+            device: r.device.clone(),
+        }
+    }
+}
+
+pub use crate::policy::Verdict;
+
+/// To the `PolicyCache`.
+#[derive(Debug)]
+pub enum PolicyMsg {
+    /// May this user connect? Always answered (from the fail mode if need be).
+    Decide {
+        query: PolicyQuery,
+        reply: RpcReplyPort<Verdict>,
+    },
+    /// The portal's answer (or failure) for one key, from the task the cache spawned; `ticket`
+    /// from `PolicyStore::ticket` when the call began.
+    Fetched {
+        query: PolicyQuery,
+        ticket: crate::policy::cache::Ticket,
+        result: Result<PortalAnswer, PortalError>,
+    },
+    /// Forget every cached decision of exactly this user.
+    InvalidateUser(String),
+    Crash,
+}
+
+/// To the server actors (`GrpcFrontDoor`, `MetricsServer`, `HookListener`).
 #[derive(Debug)]
 pub enum ServerMsg {
     /// A serving task ended (with its error, if any): the actor fails unless it is draining.
@@ -132,4 +198,39 @@ pub enum SupervisorMsg {
     },
     /// Ordered shutdown: stop children in reverse start order, then the supervisor.
     Shutdown(RpcReplyPort<()>),
+}
+
+/// What the portal answered to `CheckPolicy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalAnswer {
+    pub decision: crate::policy::Decision,
+    /// Disconnect the user's other live sessions (all of them when the connect is denied).
+    pub should_disconnect: bool,
+}
+
+/// Why no portal answer could be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PortalError {
+    #[error("no portal is configured (portal.endpoint)")]
+    NotConfigured,
+    #[error("the portal's circuit breaker is open")]
+    BreakerOpen,
+    #[error("the portal did not answer within portal.call_timeout")]
+    Timeout,
+    #[error("the portal is unreachable: {0}")]
+    Unavailable(String),
+    #[error("the portal answered {code}: {message}")]
+    Status { code: String, message: String },
+    #[error("the portal's answer is invalid: {field}: {reason}")]
+    InvalidAnswer { field: &'static str, reason: String },
+}
+
+/// To the `PortalLink`.
+#[derive(Debug)]
+pub enum PortalMsg {
+    CheckPolicy {
+        request: PolicyQuery,
+        reply: RpcReplyPort<Result<PortalAnswer, PortalError>>,
+    },
+    Crash,
 }

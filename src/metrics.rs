@@ -50,6 +50,31 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HookDecisionLabels {
+    /// `connect`, `disconnect`, `host-update`.
+    pub reason: &'static str,
+    /// `allow` or `deny`.
+    pub decision: &'static str,
+    /// `fresh`, `cached`, `stale`, `fail_open`, `fail_closed`, `local_policy`.
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +106,12 @@ pub struct Metrics {
     pub ocserv_bytes_out: Counter<u64, AtomicU64>,
     pub ocserv_banned_ips: Gauge,
     pub ocserv_auth_failures: Counter<u64, AtomicU64>,
+    pub hook_decisions: Family<HookDecisionLabels, Counter>,
+    pub hook_decision_duration: Histogram,
+    pub hook_requests_refused: Family<CauseLabel, Counter>,
+    pub cache_requests: Family<ResultLabel, Counter>,
+    pub cache_size: Gauge,
+    pub local_policy_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -148,6 +179,43 @@ impl Metrics {
             "gRPC requests served, by method and status code",
             grpc_requests.clone(),
         );
+        let hook_decisions = Family::<HookDecisionLabels, Counter>::default();
+        agent.register(
+            "hook_decisions",
+            "Answers to hook requests, by script reason, decision and source",
+            hook_decisions.clone(),
+        );
+        let hook_decision_duration = latency_histogram();
+        agent.register_with_unit(
+            "hook_decision_duration",
+            "Time from accepting a hook request to its answer",
+            prometheus_client::registry::Unit::Seconds,
+            hook_decision_duration.clone(),
+        );
+        let hook_requests_refused = Family::<CauseLabel, Counter>::default();
+        agent.register(
+            "hook_requests_refused",
+            "Hook requests answered with an error (bad frame, bad request, peer, limit, timeout)",
+            hook_requests_refused.clone(),
+        );
+        let cache_requests = Family::<ResultLabel, Counter>::default();
+        agent.register(
+            "cache_requests",
+            "Policy cache lookups for portal decisions, by result (hit, stale, miss)",
+            cache_requests.clone(),
+        );
+        let cache_size = Gauge::default();
+        agent.register(
+            "cache_size",
+            "Decisions held by the policy cache",
+            cache_size.clone(),
+        );
+        let local_policy_reloads = Family::<OutcomeLabel, Counter>::default();
+        agent.register(
+            "local_policy_reloads",
+            "Reloads of the local policy file on SIGHUP, by outcome (ok, error: old policy kept)",
+            local_policy_reloads.clone(),
+        );
         let build_info = Family::<VersionLabel, Gauge>::default();
         build_info
             .get_or_create(&VersionLabel {
@@ -210,7 +278,52 @@ impl Metrics {
             ocserv_bytes_out,
             ocserv_banned_ips,
             ocserv_auth_failures,
+            hook_decisions,
+            hook_decision_duration,
+            hook_requests_refused,
+            cache_requests,
+            cache_size,
+            local_policy_reloads,
         }
+    }
+
+    /// One answered hook request.
+    pub fn hook_decision(
+        &self,
+        reason: &'static str,
+        decision: &'static str,
+        source: &'static str,
+        elapsed: Duration,
+    ) {
+        self.hook_decisions
+            .get_or_create(&HookDecisionLabels {
+                reason,
+                decision,
+                source,
+            })
+            .inc();
+        self.hook_decision_duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// A hook request answered with an error, or a connection refused, by cause.
+    pub fn hook_refused(&self, cause: &'static str) {
+        self.hook_requests_refused
+            .get_or_create(&CauseLabel { cause })
+            .inc();
+    }
+
+    /// A policy cache lookup: `hit`, `stale` or `miss`.
+    pub fn cache_request(&self, result: &'static str) {
+        self.cache_requests
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn local_policy_reload(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        self.local_policy_reloads
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
     }
 
     /// The text exposition format, for `/metrics`.

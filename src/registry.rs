@@ -167,6 +167,50 @@ impl SessionTable {
     }
 }
 
+/// A session that ended, as its disconnect script reported it: the final counters and duration
+/// (kept for the portal reporting of the next stage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndedSession {
+    pub key: SessionKey,
+    pub username: String,
+    pub bytes_in: Option<u64>,
+    pub bytes_out: Option<u64>,
+    pub duration: Option<Duration>,
+    pub ended_at: std::time::SystemTime,
+}
+
+/// At most this many ended sessions are kept (oldest dropped first).
+pub const MAX_ENDED: usize = 10_000;
+
+/// How far a connect time derived from the script's `STATS_DURATION` may be from the table's
+/// (both in whole seconds, and the script runs a moment after the session ended).
+pub const DURATION_SLACK_SECS: u64 = 5;
+
+impl SessionTable {
+    /// The table's session that a disconnect script's report names: same ID and username and,
+    /// when the duration is known, a connect time that fits it. `None` when the ID names another
+    /// (or no) session: a recycled PID must never end someone else's session.
+    pub fn disconnected(
+        &self,
+        id: u32,
+        username: &str,
+        duration: Option<Duration>,
+        now_unix: u64,
+    ) -> Option<SessionKey> {
+        let s = self.by_id.get(&id)?;
+        if s.username != username {
+            return None;
+        }
+        if let Some(d) = duration {
+            let derived = now_unix.saturating_sub(d.as_secs());
+            if s.connected_at != 0 && s.connected_at.abs_diff(derived) > DURATION_SLACK_SECS {
+                return None;
+            }
+        }
+        Some(s.key())
+    }
+}
+
 /// Sessions the agent itself just disconnected, so that a reconcile whose fetch started before
 /// the kick cannot bring them back. Fetches are numbered in start order; a tombstone recorded
 /// while fetch `n` was the latest started filters the results of fetches `<= n` and is dropped
@@ -412,6 +456,29 @@ pub(crate) mod tests {
         assert_eq!(t.all().len(), 1);
         // A new table never reuses another table's version.
         assert!(SessionTable::default().version() > t.version());
+    }
+
+    #[test]
+    fn a_disconnect_report_names_only_the_very_session() {
+        let mut t = SessionTable::default();
+        t.reconcile(vec![session(7, "a", 1_000)]);
+        let d = |secs| Some(Duration::from_secs(secs));
+        assert_eq!(
+            t.disconnected(7, "a", d(500), 1_500),
+            Some(session(7, "a", 1_000).key())
+        );
+        assert_eq!(t.disconnected(7, "a", None, 9_999).map(|k| k.id), Some(7));
+        assert_eq!(t.disconnected(7, "b", d(500), 1_500), None, "another user");
+        assert_eq!(t.disconnected(8, "a", d(500), 1_500), None, "another ID");
+        assert_eq!(
+            t.disconnected(7, "a", d(10), 1_500),
+            None,
+            "a session that connected long before the reported one (recycled PID)"
+        );
+        assert!(
+            t.disconnected(7, "a", d(497), 1_502).is_some(),
+            "within the slack"
+        );
     }
 
     #[test]

@@ -85,6 +85,13 @@ pub trait Handler: Clone + Send + Sync + 'static {
         limits: Limits,
         draining: CancellationToken,
     ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    /// A connection over the listener's cap, closed at once when this returns (it is already
+    /// counted). It may be told why without waiting (e.g. [`Io::try_write`]); by default it is
+    /// just closed.
+    fn refuse(&self, io: Io) {
+        drop(io);
+    }
 }
 
 /// HTTP on a listener (gRPC, or metrics): each connection served by hyper with `service`.
@@ -376,7 +383,7 @@ impl Endpoint {
             };
             if self.connections.len() >= self.limits.max_connections {
                 metrics.connection_refused(self.label, "limit");
-                drop(io);
+                handler.refuse(io);
                 continue;
             }
             if !peer.allowed {
@@ -441,6 +448,16 @@ impl Endpoint {
 pub enum Io {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+impl Io {
+    /// Writes what fits into the socket buffer now, without waiting.
+    pub fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Io::Tcp(s) => s.try_write(buf),
+            Io::Unix(s) => s.try_write(buf),
+        }
+    }
 }
 
 impl AsyncRead for Io {

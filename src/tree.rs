@@ -6,16 +6,20 @@
 pub enum Child {
     OcservCtl,
     SessionRegistry,
+    PolicyCache,
     MetricsServer,
     GrpcFrontDoor,
+    HookListener,
 }
 
 impl Child {
-    pub const ALL: [Child; 4] = [
+    pub const ALL: [Child; 6] = [
         Child::OcservCtl,
         Child::SessionRegistry,
+        Child::PolicyCache,
         Child::MetricsServer,
         Child::GrpcFrontDoor,
+        Child::HookListener,
     ];
 
     /// The child registered under `name`, if any.
@@ -30,6 +34,8 @@ impl Child {
             Child::SessionRegistry => SESSION_REGISTRY,
             Child::MetricsServer => METRICS_SERVER,
             Child::GrpcFrontDoor => GRPC_FRONT_DOOR,
+            Child::PolicyCache => POLICY_CACHE,
+            Child::HookListener => HOOK_LISTENER,
         }
     }
 }
@@ -39,3 +45,6 @@ pub const OCSERV_CTL: &str = "ocserv_ctl";
 pub const SESSION_REGISTRY: &str = "session_registry";
 pub const METRICS_SERVER: &str = "metrics_server";
 pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";
+pub const POLICY_CACHE: &str = "policy_cache";
+pub const HOOK_LISTENER: &str = "hook_listener";
+pub const PORTAL_LINK: &str = "portal_link";

@@ -15,9 +15,11 @@ fn config_text(lab: &Lab, reconcile: &str, level: &str, max_connections: u32) ->
     format!(
         "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = {reconcile:?}\n\n\
          [grpc]\nsocket = {:?}\nmax_connections = {max_connections}\n\n\
+         [hook]\nsocket = {:?}\n\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = {level:?}\n",
         lab.occtl_socket.display().to_string(),
         lab.dir.join("agent.sock").display().to_string(),
+        lab.dir.join("hook.sock").display().to_string(),
     )
 }
 

@@ -19,6 +19,7 @@ async fn the_cli_lists_twenty_thousand_sessions() {
         .config;
     cfg.ocserv.control_socket = fake.socket().to_path_buf();
     cfg.grpc.socket = dir.path().join("agent.sock");
+    cfg.hook.socket = dir.path().join("hook.sock");
     cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
     cfg.grpc.request_timeout = Duration::from_secs(20);
     let a = agent::start(cfg).await;

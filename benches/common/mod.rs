@@ -364,6 +364,10 @@ impl ChildAgent {
             .env("OCSERV_AGENT__GRPC__LISTEN", grpc.to_string())
             .env("OCSERV_AGENT__GRPC__INSECURE", "true")
             .env("OCSERV_AGENT__GRPC__SOCKET", &agent_socket)
+            .env(
+                "OCSERV_AGENT__HOOK__SOCKET",
+                agent_socket.with_file_name("hook.sock"),
+            )
             .env("OCSERV_AGENT__METRICS__LISTEN", metrics.to_string())
             .env("OCSERV_AGENT__LOG__LEVEL", "warn")
             .env_remove("RUST_LOG")

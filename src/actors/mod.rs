@@ -5,13 +5,15 @@
 //! whole call with a timeout.
 
 pub mod grpc_front_door;
+pub mod hook_listener;
 pub mod metrics_server;
 pub mod ocserv_ctl;
+pub mod policy_cache;
 pub mod session_registry;
 pub mod supervisor;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use ractor::rpc::CallResult;
@@ -22,10 +24,13 @@ use crate::gate::Gate;
 use crate::health::Health;
 use crate::messages::ServerMsg;
 use crate::metrics::Metrics;
+use crate::policy::cache::PolicyStore;
+use crate::policy::local::LocalPolicy;
 use crate::serve::Endpoint;
 
 pub use crate::tree::{
-    Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY, SUPERVISOR,
+    Child, GRPC_FRONT_DOOR, HOOK_LISTENER, METRICS_SERVER, OCSERV_CTL, POLICY_CACHE, PORTAL_LINK,
+    SESSION_REGISTRY, SUPERVISOR,
 };
 
 impl Child {
@@ -34,7 +39,7 @@ impl Child {
     /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
     /// actor is not running.
     pub fn strike(self, panic: bool) -> Option<ractor::ActorId> {
-        use crate::messages::{CtlMsg, RegistryMsg, ServerMsg};
+        use crate::messages::{CtlMsg, PolicyMsg, RegistryMsg, ServerMsg};
         let cell = ractor::registry::where_is(self.name())?;
         if !panic {
             cell.kill();
@@ -42,7 +47,8 @@ impl Child {
             let delivered = match self {
                 Child::OcservCtl => cell.send_message(CtlMsg::Crash).is_ok(),
                 Child::SessionRegistry => cell.send_message(RegistryMsg::Crash).is_ok(),
-                Child::MetricsServer | Child::GrpcFrontDoor => {
+                Child::PolicyCache => cell.send_message(PolicyMsg::Crash).is_ok(),
+                Child::MetricsServer | Child::GrpcFrontDoor | Child::HookListener => {
                     cell.send_message(ServerMsg::Crash).is_ok()
                 }
             };
@@ -52,6 +58,14 @@ impl Child {
         }
         Some(cell.get_id())
     }
+}
+
+/// The listeners, bound once at start-up.
+pub struct Endpoints {
+    /// The gRPC Unix socket, then the TCP address when configured.
+    pub grpc: Vec<Arc<Endpoint>>,
+    pub metrics: Arc<Endpoint>,
+    pub hook: Arc<Endpoint>,
 }
 
 /// What every actor is started with: configuration, and everything that must outlive an actor's
@@ -72,6 +86,14 @@ pub struct Context {
     /// The gRPC listeners: the Unix socket, then the TCP address when configured.
     pub grpc_endpoints: Vec<Arc<Endpoint>>,
     pub metrics_endpoint: Arc<Endpoint>,
+    /// The hook socket (`hook.socket`).
+    pub hook_endpoint: Arc<Endpoint>,
+    /// Cached connect decisions, outside the `PolicyCache` actor so they survive its restarts
+    /// (not a process restart: nothing is stored on disk yet).
+    policy_store: Mutex<PolicyStore>,
+    /// The local policy in force (`local_policy.path`, or "admit everyone" without a file);
+    /// replaced on SIGHUP.
+    local_policy: RwLock<Arc<LocalPolicy>>,
     /// Cleared when a server could not drain its connections within the shutdown grace, so an
     /// ordered shutdown that cut calls short reports a failure.
     pub drained_in_time: AtomicBool,
@@ -81,11 +103,14 @@ impl Context {
     pub fn new(
         config: Config,
         metrics: Arc<Metrics>,
-        grpc_endpoints: Vec<Arc<Endpoint>>,
-        metrics_endpoint: Arc<Endpoint>,
+        endpoints: Endpoints,
+        local_policy: LocalPolicy,
     ) -> Self {
         let c = &config;
         Self {
+            policy_store: Mutex::new(PolicyStore::new(c.policy.capacity)),
+            local_policy: RwLock::new(Arc::new(local_policy)),
+            hook_endpoint: endpoints.hook,
             health: Arc::new(Health::new(c.ocserv.reconcile_interval)),
             ocserv_gate: Gate::new(c.ocserv.max_in_flight as u32, c.ocserv.max_queued),
             grpc_gate: Gate::new(
@@ -99,8 +124,8 @@ impl Context {
             kicks: Default::default(),
             config: RwLock::new(Arc::new(config)),
             metrics,
-            grpc_endpoints,
-            metrics_endpoint,
+            grpc_endpoints: endpoints.grpc,
+            metrics_endpoint: endpoints.metrics,
             drained_in_time: AtomicBool::new(true),
         }
     }
@@ -111,6 +136,29 @@ impl Context {
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
+    }
+
+    /// The cached connect decisions (lock briefly; never across an await).
+    pub fn policy_store(&self) -> std::sync::MutexGuard<'_, PolicyStore> {
+        self.policy_store
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The local policy in force.
+    pub fn local_policy(&self) -> Arc<LocalPolicy> {
+        self.local_policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Swaps in a new local policy (after validation, on SIGHUP).
+    pub fn set_local_policy(&self, policy: LocalPolicy) {
+        *self
+            .local_policy
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
     }
 
     /// Swaps in a new configuration (after validation, on SIGHUP).

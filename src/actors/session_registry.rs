@@ -22,11 +22,14 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::actors::{call, AbortOnDrop, Context, OCSERV_CTL};
+use crate::hook_proto::Reason;
 use crate::messages::{
-    CtlMsg, ReconcileError, ReconcileReport, ReconcileResult, RegistryMsg, SessionsView,
+    CtlMsg, HookEvent, ReconcileError, ReconcileReport, ReconcileResult, RegistryMsg, SessionsView,
 };
 use crate::ocserv::Session;
-use crate::registry::{AfterFetch, Forgotten, ReconcileDiff, SessionTable, SyncState};
+use crate::registry::{
+    AfterFetch, EndedSession, Forgotten, ReconcileDiff, SessionTable, SyncState, MAX_ENDED,
+};
 
 pub struct SessionRegistry;
 
@@ -40,6 +43,8 @@ pub struct RegistryState {
     last_error: Option<ReconcileError>,
     /// Reconcile requests that arrived while a fetch was under way: served by the next one.
     pending: Vec<Waiter>,
+    /// Sessions whose disconnect script reported their end, newest last (bounded).
+    ended: std::collections::VecDeque<EndedSession>,
     _ticker: Option<AbortOnDrop>,
 }
 
@@ -132,6 +137,42 @@ impl RegistryState {
         });
     }
 
+    /// A disconnect ends the session it names (final counters kept in `ended`); a host-update
+    /// (new addresses after DTLS) asks ocserv again at once.
+    fn on_hook_event(&mut self, myself: &ActorRef<RegistryMsg>, e: HookEvent) {
+        match e.reason {
+            Reason::Connect => {}
+            Reason::HostUpdate => self.start_fetch(myself, None),
+            Reason::Disconnect => {
+                let now =
+                    e.at.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs());
+                let Some(key) = self.table.disconnected(e.id, &e.username, e.duration, now) else {
+                    tracing::debug!(id = e.id, user = %e.username,
+                        "disconnect report for a session the registry does not hold");
+                    return;
+                };
+                tracing::info!(session = %key, user = %e.username, bytes_in = ?e.bytes_in,
+                    bytes_out = ?e.bytes_out, duration = ?e.duration, "session ended");
+                self.table.remove(std::slice::from_ref(&key));
+                self.forgotten
+                    .add([key.clone()], self.sync.latest_started());
+                if self.ended.len() >= MAX_ENDED {
+                    self.ended.pop_front();
+                }
+                self.ended.push_back(EndedSession {
+                    key,
+                    username: e.username,
+                    bytes_in: e.bytes_in,
+                    bytes_out: e.bytes_out,
+                    duration: e.duration,
+                    ended_at: e.at,
+                });
+                self.publish_gauge();
+            }
+        }
+    }
+
     fn view(&mut self, username: Option<&str>) -> SessionsView {
         let sessions = match username {
             None => self.table.all(),
@@ -175,6 +216,7 @@ impl Actor for SessionRegistry {
             forgotten: Forgotten::default(),
             last_error: None,
             pending: Vec::new(),
+            ended: Default::default(),
             _ticker: None,
         };
         state.arm_tick(&myself, interval);
@@ -226,6 +268,7 @@ impl Actor for SessionRegistry {
                 state.forgotten.add(keys, state.sync.latest_started());
                 state.publish_gauge();
             }
+            RegistryMsg::HookEvent(event) => state.on_hook_event(&myself, event),
             RegistryMsg::Crash => {
                 panic!("chaos: crash requested for {}", super::SESSION_REGISTRY)
             }

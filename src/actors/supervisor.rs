@@ -15,8 +15,10 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
 
 use crate::actors::grpc_front_door::GrpcFrontDoor;
+use crate::actors::hook_listener::HookListener;
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::ocserv_ctl::OcservCtl;
+use crate::actors::policy_cache::PolicyCache;
 use crate::actors::session_registry::SessionRegistry;
 use crate::actors::{Child, Context};
 use crate::messages::SupervisorMsg;
@@ -66,6 +68,8 @@ async fn spawn_child(
         Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
         Child::MetricsServer => drop(Actor::spawn_linked(name, MetricsServer, c, sup).await?),
         Child::GrpcFrontDoor => drop(Actor::spawn_linked(name, GrpcFrontDoor, c, sup).await?),
+        Child::PolicyCache => drop(Actor::spawn_linked(name, PolicyCache, c, sup).await?),
+        Child::HookListener => drop(Actor::spawn_linked(name, HookListener, c, sup).await?),
     }
     Ok(())
 }

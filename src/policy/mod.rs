@@ -18,6 +18,38 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+/// A decision and where it came from: what the hook listener answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub source: Source,
+}
+
+/// The verdict from what is at hand, without asking the portal: the local policy's decision
+/// for `source = "local"`; for `source = "portal"`, what the fail mode promises given the cached
+/// entry (a fresh entry is served as `cached`). Used by the cache when the portal fails, and by
+/// the hook listener when the cache itself cannot answer in time.
+pub fn without_portal(
+    source: crate::config::PolicySource,
+    fail_mode: FailMode,
+    lifetimes: &cache::Lifetimes,
+    local: &local::LocalPolicy,
+    cached: Option<&cache::Entry>,
+    (username, groupname): (&str, &str),
+    now: std::time::Instant,
+) -> Verdict {
+    match source {
+        crate::config::PolicySource::Local => Verdict {
+            decision: local.decide(username, groupname),
+            source: Source::LocalPolicy,
+        },
+        crate::config::PolicySource::Portal => {
+            let (decision, source) = cache::on_portal_failure(fail_mode, cached, now, lifetimes);
+            Verdict { decision, source }
+        }
+    }
+}
+
 /// The answer to "may this user connect?".
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Decision {
@@ -100,6 +132,11 @@ impl Source {
             Self::FailClosed => "fail_closed",
             Self::LocalPolicy => "local_policy",
         }
+    }
+
+    /// The source spelled `text` on the wire, if any.
+    pub fn from_wire(text: &str) -> Option<Source> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
     }
 }
 

@@ -96,6 +96,8 @@ pub struct LabOptions {
     pub connect_script: Option<PathBuf>,
     /// Written as `disconnect-script = PATH` when set.
     pub disconnect_script: Option<PathBuf>,
+    /// Environment variables ocserv is started with (its scripts inherit them).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for LabOptions {
@@ -106,6 +108,7 @@ impl Default for LabOptions {
             extra_config: Vec::new(),
             connect_script: None,
             disconnect_script: None,
+            env: Vec::new(),
         }
     }
 }
@@ -266,6 +269,7 @@ pub struct Lab {
     pub vpn_network: Ipv4Net,
     pub connect_script: Option<PathBuf>,
     pub disconnect_script: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
 
     /// The ocserv.conf in use.
     pub config_file: PathBuf,
@@ -325,6 +329,7 @@ impl Lab {
             vpn_network,
             connect_script: opts.connect_script.clone(),
             disconnect_script: opts.disconnect_script.clone(),
+            env: opts.env.clone(),
             server_pin: String::new(),
             veth_server,
             veth_client,
@@ -585,6 +590,7 @@ impl Lab {
             // without it they only go to syslog.
             .args(["ocserv", "-f", "-d", "1", "-c"])
             .arg(&self.config_file)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::from(
                 log.try_clone().wrap_err("cloning the ocserv log handle")?,

@@ -1,0 +1,243 @@
+//! `PolicyCache`: answers "may this user connect?" for the hook listener.
+//!
+//! - `policy.source = "local"`: the local policy decides ([`crate::policy::local`]); source
+//!   `local_policy`. Nothing is cached (the evaluation is a map lookup).
+//! - `policy.source = "portal"`: decisions keyed by (username, groupname) in the shared
+//!   [`PolicyStore`] (an LRU bounded by `policy.capacity`, kept in the `Context` so that it
+//!   survives a restart of this actor; not a restart of the process). A fresh entry is served
+//!   (`cached`); one in its last fifth is served and refreshed in the background; a miss, a
+//!   stale or expired entry asks the `PortalLink`. Concurrent misses for one key make one portal
+//!   call and all wait for it (single-flight). When the portal fails or its breaker is open, the
+//!   fail mode decides ([`crate::policy::without_portal`]): a stale entry only then.
+//! - A portal answer with `should_disconnect` disconnects the user's other live sessions (all
+//!   of them when the connect is denied), by full identity, in a task of its own.
+//!
+//! The portal call runs in a spawned task whose result comes back as [`PolicyMsg::Fetched`], so
+//! a slow portal never delays a cache hit. Waiters whose answer is lost with a crash of this
+//! actor are answered by the hook listener from the fail mode (it sees the call fail).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::actors::{call, Context, OCSERV_CTL, PORTAL_LINK};
+use crate::config::PolicySource;
+use crate::messages::{CtlMsg, PolicyMsg, PolicyQuery, PortalAnswer, PortalError, PortalMsg};
+use crate::policy::cache::{freshness, Entry, Freshness, InFlight, Join};
+use crate::policy::{Source, Verdict};
+
+pub struct PolicyCache;
+
+/// Time allowed beyond `portal.call_timeout` for reaching the portal link itself.
+const LINK_MARGIN: Duration = Duration::from_millis(200);
+
+pub struct CacheState {
+    ctx: Arc<Context>,
+    /// Keys with a portal call under way, and who waits for it.
+    in_flight: InFlight<RpcReplyPort<Verdict>>,
+}
+
+impl CacheState {
+    fn decide(
+        &mut self,
+        myself: &ActorRef<PolicyMsg>,
+        query: PolicyQuery,
+        reply: RpcReplyPort<Verdict>,
+    ) {
+        let cfg = self.ctx.config();
+        if cfg.policy.source == PolicySource::Local {
+            let decision = self
+                .ctx
+                .local_policy()
+                .decide(&query.username, &query.groupname);
+            let _ = reply.send(Verdict {
+                decision,
+                source: Source::LocalPolicy,
+            });
+            return;
+        }
+        let now = Instant::now();
+        let lifetimes = cfg.policy.lifetimes();
+        let cached = {
+            let mut store = self.ctx.policy_store();
+            store
+                .get(&query.username, &query.groupname)
+                .map(|e| (e.decision.clone(), freshness(e, now, &lifetimes)))
+        };
+        let metrics = &self.ctx.metrics;
+        match cached {
+            Some((decision, Freshness::Fresh)) => {
+                metrics.cache_request("hit");
+                let _ = reply.send(Verdict {
+                    decision,
+                    source: Source::Cached,
+                });
+            }
+            Some((decision, Freshness::RefreshAhead)) => {
+                metrics.cache_request("hit");
+                let _ = reply.send(Verdict {
+                    decision,
+                    source: Source::Cached,
+                });
+                if self.in_flight.begin(&query.username, &query.groupname) {
+                    self.fetch(myself, query);
+                }
+            }
+            other => {
+                let stale = matches!(other, Some((_, Freshness::Stale)));
+                metrics.cache_request(if stale { "stale" } else { "miss" });
+                if let Join::First = self
+                    .in_flight
+                    .join(&query.username, &query.groupname, reply)
+                {
+                    self.fetch(myself, query);
+                }
+            }
+        }
+    }
+
+    /// Asks the portal link in a task of its own; the answer comes back as `Fetched`.
+    fn fetch(&self, myself: &ActorRef<PolicyMsg>, query: PolicyQuery) {
+        let ticket = self.ctx.policy_store().ticket();
+        let timeout = self.ctx.config().portal.call_timeout + LINK_MARGIN;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let result = call(PORTAL_LINK, timeout, true, |reply| PortalMsg::CheckPolicy {
+                request: query.clone(),
+                reply,
+            })
+            .await
+            .unwrap_or_else(|e| Err(PortalError::Unavailable(e.to_string())));
+            // If this actor died meanwhile, its waiters were answered from the fail mode.
+            let _ = me.send_message(PolicyMsg::Fetched {
+                query,
+                ticket,
+                result,
+            });
+        });
+    }
+
+    fn fetched(
+        &mut self,
+        query: PolicyQuery,
+        ticket: crate::policy::cache::Ticket,
+        result: Result<PortalAnswer, PortalError>,
+    ) {
+        let cfg = self.ctx.config();
+        let now = Instant::now();
+        let waiters = self.in_flight.complete(&query.username, &query.groupname);
+        let verdict = match result {
+            Ok(answer) => {
+                let entry = Entry {
+                    decision: answer.decision.clone(),
+                    fetched_at: now,
+                };
+                let size = {
+                    let mut store = self.ctx.policy_store();
+                    store.insert_fetched(&query.username, &query.groupname, entry, ticket);
+                    store.len()
+                };
+                self.ctx
+                    .metrics
+                    .cache_size
+                    .set(i64::try_from(size).unwrap_or(i64::MAX));
+                if answer.should_disconnect {
+                    disconnect_others(self.ctx.clone(), query.clone(), answer.decision.allowed);
+                }
+                Verdict {
+                    decision: answer.decision,
+                    source: Source::Fresh,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(user = %query.username, error = %e,
+                    fail_mode = ?cfg.policy.fail_mode, "portal decision unavailable");
+                let store = self.ctx.policy_store();
+                crate::policy::without_portal(
+                    PolicySource::Portal,
+                    cfg.policy.fail_mode,
+                    &cfg.policy.lifetimes(),
+                    &self.ctx.local_policy(),
+                    store.peek(&query.username, &query.groupname),
+                    (&query.username, &query.groupname),
+                    now,
+                )
+            }
+        };
+        for w in waiters {
+            let _ = w.send(verdict.clone());
+        }
+    }
+}
+
+/// The portal asked for the user's other sessions to go (`should_disconnect`): all live sessions
+/// of the user except the one connecting (which ocserv does not list yet), each by full identity
+/// as ocserv lists it now; all of them when the connect itself is denied.
+fn disconnect_others(ctx: Arc<Context>, query: PolicyQuery, admitted: bool) {
+    tokio::spawn(async move {
+        let timeout = ctx.config().ocserv.request_timeout;
+        let deadline = Instant::now() + 2 * timeout;
+        let user = query.username.clone();
+        let sessions = match call(OCSERV_CTL, timeout, true, |r| {
+            CtlMsg::UserInfo(user.clone(), r)
+        })
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return tracing::warn!(user = %query.username, error = %e, "should_disconnect: cannot list the user's sessions")
+            }
+            Err(e) => {
+                return tracing::warn!(user = %query.username, error = %e, "should_disconnect: cannot list the user's sessions")
+            }
+        };
+        let targets: Vec<_> = sessions
+            .iter()
+            .filter(|s| !admitted || s.id != query.session_id)
+            .map(|s| s.key())
+            .collect();
+        let kicked = crate::grpc::kick_sessions(&ctx, &targets, deadline).await;
+        tracing::info!(user = %query.username, disconnected = kicked.done.len(),
+            errors = ?kicked.errors, "sessions disconnected at the portal's request");
+    });
+}
+
+impl Actor for PolicyCache {
+    type Msg = PolicyMsg;
+    type State = CacheState;
+    type Arguments = Arc<Context>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        ctx: Arc<Context>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(CacheState {
+            ctx,
+            in_flight: InFlight::new(),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PolicyMsg::Decide { query, reply } => state.decide(&myself, query, reply),
+            PolicyMsg::Fetched {
+                query,
+                ticket,
+                result,
+            } => state.fetched(query, ticket, result),
+            PolicyMsg::InvalidateUser(user) => {
+                let n = state.ctx.policy_store().invalidate_user(&user);
+                tracing::info!(user = %user, entries = n, "cached decisions invalidated");
+            }
+            PolicyMsg::Crash => panic!("chaos: crash requested for {}", super::POLICY_CACHE),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,362 @@
+//! Connect-time policy with a real ocserv whose connect and disconnect scripts run the shipped
+//! `/bin/sh` wrapper (`contrib/ocserv-agent-hook.sh`) and the real `ocserv-agent-hook`, real
+//! openconnect clients, and the agent's local policy; plus hostile input on the hook socket.
+//! Needs root (network namespaces); run with `cargo nextest run`.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ocserv_agent::hook_proto::{self, HookResponse};
+use ocserv_agent::ocserv::BackendKind;
+use support::agent::{self, wait_for};
+use support::lab::{Lab, LabOptions, LabUser};
+
+/// The shipped wrapper copied into `dir` beside a link to the built hook program, as an
+/// operator installs them; returns the wrapper's path.
+fn install_hook(dir: &Path) -> PathBuf {
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let wrapper = bin.join("ocserv-agent-hook.sh");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ocserv-agent-hook.sh"),
+        &wrapper,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_ocserv-agent-hook"),
+        bin.join("ocserv-agent-hook"),
+    )
+    .unwrap();
+    wrapper
+}
+
+/// A lab whose ocserv runs the hook for connects and disconnects, asking on `dir/hook.sock`.
+fn hooked_lab(users: &[LabUser]) -> Lab {
+    let dir = tempfile::Builder::new()
+        .prefix("oa-hook-")
+        .tempdir()
+        .unwrap()
+        .keep();
+    let wrapper = install_hook(&dir);
+    let socket = dir.join("hook.sock");
+    Lab::start(LabOptions {
+        users: users.to_vec(),
+        connect_script: Some(wrapper.clone()),
+        disconnect_script: Some(wrapper),
+        env: vec![
+            (
+                "OCSERV_AGENT_HOOK_SOCKET".into(),
+                socket.display().to_string(),
+            ),
+            ("OCSERV_AGENT_HOOK_TIMEOUT".into(), "3s".into()),
+        ],
+        ..Default::default()
+    })
+    .expect("lab starts")
+}
+
+/// The hook socket the lab's scripts ask on.
+fn hook_socket(lab: &Lab) -> PathBuf {
+    let (_, v) = lab
+        .env
+        .iter()
+        .find(|(k, _)| k == "OCSERV_AGENT_HOOK_SOCKET")
+        .expect("hooked lab");
+    PathBuf::from(v)
+}
+
+fn write_policy(lab: &Lab, text: &str) -> PathBuf {
+    let p = lab.dir.join("policy.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const POLICY: &str = r#"
+default = "allow"
+
+[users.bob]
+allow = false
+reason = "bob is suspended"
+
+[groups.contractors]
+allow = false
+reason = "contractors are not admitted today"
+
+[users.alice]
+allow = true
+routes = ["10.77.0.0/16"]
+"#;
+
+fn decisions(text: &str, decision: &str, source: &str) -> f64 {
+    agent::metric(
+        text,
+        &format!(
+            "ocserv_agent_hook_decisions_total{{reason=\"connect\",decision=\"{decision}\",source=\"{source}\"}}"
+        ),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_policy_admits_and_denies_through_the_real_scripts() {
+    let users = [
+        LabUser::new("alice", "pw-alice"),
+        LabUser::new("bob", "pw-bob"),
+        LabUser::new("carol", "pw-carol").in_group("contractors"),
+        LabUser::new("dave", "pw-dave"),
+    ];
+    let lab = hooked_lab(&users);
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.hook.socket = hook_socket(&lab);
+    cfg.local_policy.path = Some(write_policy(&lab, POLICY));
+    let a = agent::start(cfg).await;
+
+    let alice = lab.connect("alice", "pw-alice").expect("alice is admitted");
+    let dave = lab
+        .connect("dave", "pw-dave")
+        .expect("dave is admitted by default");
+    let bob = lab.connect("bob", "pw-bob");
+    assert!(bob.is_err(), "bob is denied by his user entry");
+    let carol = lab.connect("carol", "pw-carol");
+    assert!(carol.is_err(), "carol is denied by her group entry");
+
+    let text = a.metrics.encode();
+    assert_eq!(decisions(&text, "allow", "local_policy"), 2.0, "{text}");
+    assert_eq!(decisions(&text, "deny", "local_policy"), 2.0, "{text}");
+
+    // The disconnect script reaches the registry too.
+    drop(alice);
+    drop(dave);
+    wait_for("two disconnects to be reported", Duration::from_secs(10), || {
+        let m = a.metrics.clone();
+        async move {
+            let t = m.encode();
+            (agent::metric(
+                &t,
+                "ocserv_agent_hook_decisions_total{reason=\"disconnect\",decision=\"allow\",source=\"local_policy\"}",
+            ) == Some(2.0))
+            .then_some(())
+        }
+    })
+    .await;
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_the_next_decision_and_a_broken_file_keeps_the_old_policy() {
+    let users = [LabUser::new("erin", "pw-erin")];
+    let lab = hooked_lab(&users);
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.hook.socket = hook_socket(&lab);
+    let policy = write_policy(&lab, "default = \"allow\"\n");
+    cfg.local_policy.path = Some(policy.clone());
+    let a = agent::start(cfg.clone()).await;
+    // SIGHUP as the agent does it; the configuration itself is unchanged (only the policy
+    // file it names), and the environment is never the process's.
+    let reload = || {
+        let ctx = a.ctx.clone();
+        let cfg = cfg.clone();
+        async move {
+            ocserv_agent::app::reload(
+                &ctx,
+                move || {
+                    Ok(ocserv_agent::config::Loaded {
+                        config: cfg,
+                        source: ocserv_agent::config::ConfigSource::EmbeddedDefaults,
+                        defaults_used: Vec::new(),
+                    })
+                },
+                &|_| Ok(()),
+            )
+            .await
+        }
+    };
+
+    let erin = lab.connect("erin", "pw-erin").expect("admitted by default");
+    drop(erin);
+    std::fs::write(
+        &policy,
+        "default = \"allow\"\n[users.erin]\nallow = false\nreason = \"no\"\n",
+    )
+    .unwrap();
+    reload().await.unwrap();
+    assert!(
+        lab.connect("erin", "pw-erin").is_err(),
+        "the changed file denies erin"
+    );
+
+    std::fs::write(&policy, "default = maybe\n").unwrap();
+    reload().await.unwrap();
+    assert!(
+        lab.connect("erin", "pw-erin").is_err(),
+        "a broken file keeps the policy in force"
+    );
+    let text = a.metrics.encode();
+    assert_eq!(
+        agent::metric(
+            &text,
+            "ocserv_agent_local_policy_reloads_total{outcome=\"error\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_agent_stopped_the_hook_applies_its_fail_mode_in_time() {
+    let users = [LabUser::new("frank", "pw-frank")];
+    let lab = hooked_lab(&users);
+    // No agent at all: the hook retries until its 3 s deadline, then denies.
+    let started = Instant::now();
+    assert!(lab.connect("frank", "pw-frank").is_err());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the connect was refused, not left hanging"
+    );
+    let log = std::fs::read_to_string(&lab.ocserv_log).unwrap_or_default();
+    assert!(
+        log.contains("fail mode") || log.contains("fail-mode"),
+        "the hook says why on stderr (ocserv's log):\n{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input on the hook socket.
+// ---------------------------------------------------------------------------------------------
+
+fn exchange(socket: &Path, bytes: &[u8]) -> Option<HookResponse> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    (out.len() > 4).then(|| hook_proto::parse_response(&out[4..]).expect("a valid answer"))
+}
+
+fn frame(json: &str) -> Vec<u8> {
+    hook_proto::encode_frame(json.as_bytes()).unwrap()
+}
+
+fn refused(text: &str, cause: &str) -> f64 {
+    agent::metric(
+        text,
+        &format!("ocserv_agent_hook_requests_refused_total{{cause=\"{cause}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_hook_input_gets_an_error_answer_is_counted_and_others_are_served() {
+    let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.hook.max_connections = 3;
+    cfg.hook.request_timeout = Duration::from_millis(800);
+    let socket = cfg.hook.socket.clone();
+    let a = agent::start(cfg).await;
+    let sock = socket.clone();
+    let run = move |bytes: Vec<u8>| {
+        let sock = sock.clone();
+        async move {
+            tokio::task::spawn_blocking(move || exchange(&sock, &bytes))
+                .await
+                .unwrap()
+        }
+    };
+    let good = r#"{"reason":"connect","username":"gina","groupname":"","session_id":42,"ip_real":"192.0.2.1","ip_remote":"10.0.0.2","device":"vpns0"}"#;
+
+    let ok = run(frame(good)).await.expect("answered");
+    assert!(ok.allowed, "no policy file: admitted ({ok:?})");
+
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (vec![0, 0, 0, 0], "frame_empty"),
+        ((70_000u32).to_be_bytes().to_vec(), "frame_too_large"),
+        ([&[0, 0, 0, 50][..], b"{\"rea"].concat(), "frame_truncated"),
+        (frame("{not json"), "invalid_json"),
+        (
+            frame(r#"{"reason":"connect","username":"","session_id":1}"#),
+            "empty_username",
+        ),
+        (
+            frame(r#"{"reason":"teleport","username":"x","session_id":1}"#),
+            "unknown_reason",
+        ),
+    ];
+    for (bytes, cause) in cases {
+        let answer = run(bytes).await.expect("an error answer, not silence");
+        assert!(
+            !answer.allowed && answer.error.is_some(),
+            "{cause}: {answer:?}"
+        );
+        let text = a.metrics.encode();
+        assert!(refused(&text, cause) >= 1.0, "{cause} counted:\n{text}");
+    }
+
+    // A username unsafe as a file name is denied whatever the policy says.
+    let unsafe_user = frame(
+        r#"{"reason":"connect","username":"../etc","groupname":"","session_id":7,"device":"vpns0"}"#,
+    );
+    let answer = run(unsafe_user).await.unwrap();
+    assert!(!answer.allowed, "{answer:?}");
+
+    // Silent clients fill the connection limit; one more gets an error answer at once, and once
+    // the silent ones time out, legitimate requests are served again.
+    let silent: Vec<UnixStream> = (0..3)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let over = run(frame(good))
+        .await
+        .expect("an answer even over the limit");
+    assert!(
+        !over.allowed
+            && over
+                .error
+                .as_deref()
+                .unwrap_or("")
+                .contains("max_connections"),
+        "{over:?}"
+    );
+    wait_for(
+        "the silent clients to be cut off",
+        Duration::from_secs(10),
+        || {
+            let run = run.clone();
+            let good = good.to_owned();
+            async move { run(frame(&good)).await.filter(|a| a.allowed).map(|_| ()) }
+        },
+    )
+    .await;
+    drop(silent);
+    let text = a.metrics.encode();
+    assert!(refused(&text, "connection_limit") >= 1.0, "{text}");
+    assert!(refused(&text, "timeout") >= 1.0, "{text}");
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_uid_not_allowed_is_refused_and_counted() {
+    let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    // Root (this test) is not in the list.
+    cfg.hook.allowed_uids = vec![4242];
+    let socket = cfg.hook.socket.clone();
+    let a = agent::start(cfg).await;
+    let good = frame(r#"{"reason":"connect","username":"hal","groupname":"","session_id":3}"#);
+    let answer = tokio::task::spawn_blocking(move || exchange(&socket, &good))
+        .await
+        .unwrap()
+        .expect("an error answer");
+    assert!(!answer.allowed, "{answer:?}");
+    assert!(answer
+        .error
+        .unwrap_or_default()
+        .contains("hook.allowed_uids"));
+    assert!(refused(&a.metrics.encode(), "peer_uid") >= 1.0);
+    a.shutdown().await;
+}
