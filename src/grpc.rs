@@ -277,9 +277,11 @@ async fn encode_view(view: SessionsView, stats: bool) -> Result<EncodedReply, St
     if !stats && view.sessions.len() <= HEAVY_ABOVE {
         return Ok(encode_sessions(&view.sessions, false));
     }
-    crate::heavy::run(move || encode_sessions(&view.sessions, stats))
-        .await
-        .map_err(|e| Status::internal(format!("encoding the session list: {e}")))
+    crate::heavy::run(crate::heavy::Lane::Replies, move || {
+        encode_sessions(&view.sessions, stats)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("encoding the session list: {e}")))
 }
 
 /// What [`kick_sessions`] did.

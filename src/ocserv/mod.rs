@@ -416,12 +416,14 @@ where
     if input_len <= INLINE_DECODE_LIMIT {
         return work();
     }
-    crate::heavy::run(work).await.unwrap_or_else(|e| {
-        Err(CtlError::Io {
-            command,
-            source: std::io::Error::other(format!("decoding the reply failed: {e}")),
+    crate::heavy::run(crate::heavy::Lane::Ocserv, work)
+        .await
+        .unwrap_or_else(|e| {
+            Err(CtlError::Io {
+                command,
+                source: std::io::Error::other(format!("decoding the reply failed: {e}")),
+            })
         })
-    })
 }
 
 impl Backend {
