@@ -127,9 +127,15 @@ pub fn local_policy(config: &Config) -> eyre::Result<LocalPolicy> {
     }
 }
 
-/// Starts the actor tree. Returns once every actor has started.
+/// Starts the actor tree with the local policy of `config`. Returns once every actor has
+/// started.
 pub async fn start(config: Config) -> eyre::Result<Agent> {
     let local = local_policy(&config)?;
+    start_with(config, local).await
+}
+
+/// [`start`] with the local policy already loaded.
+pub async fn start_with(config: Config, local: LocalPolicy) -> eyre::Result<Agent> {
     let endpoints = endpoints(&config)?;
     let grpc_socket = config.grpc.socket.clone();
     let hook_socket = config.hook.socket.clone();
@@ -248,7 +254,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: Se
     if let Some((before, after, hard)) = raise_nofile_limit() {
         tracing::info!(soft_before = before, soft = after, hard, "open file limit");
     }
-    let mut agent = match start(config).await {
+    // An invalid policy file is a configuration error (exit 64), like an invalid config file.
+    let local = match local_policy(&config) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("ocserv-agent: {e:#}");
+            return crate::config::EXIT_CONFIG;
+        }
+    };
+    let mut agent = match start_with(config, local).await {
         Ok(a) => a,
         Err(e) => {
             tracing::error!("{e:#}");

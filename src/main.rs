@@ -88,6 +88,20 @@ fn main() {
         Command::CheckConfig => {
             let loaded = load_or_exit(path);
             print!("{}", loaded.render());
+            let c = &loaded.config;
+            match (c.policy.source, &c.local_policy.path) {
+                (_, Some(p)) => match ocserv_agent::policy::local::load(p) {
+                    Ok(_) => println!("# local policy: {} is valid", p.display()),
+                    Err(e) => {
+                        eprintln!("ocserv-agent: local_policy.path: {e}");
+                        std::process::exit(config::EXIT_CONFIG);
+                    }
+                },
+                (config::PolicySource::Local, None) => {
+                    println!("# local policy: {}", c.local_policy.describe())
+                }
+                (config::PolicySource::Portal, None) => {}
+            }
             0
         }
         Command::Sessions {

@@ -234,3 +234,31 @@ fn a_listen_address_in_use_is_named_and_exits_71() {
         stderr(&o)
     );
 }
+
+#[test]
+fn an_invalid_policy_file_exits_64_naming_the_entry_and_key() {
+    let policy =
+        config_file("default = \"allow\"\n[users.bob]\nallow = true\nroutes = [\"10.0.0/8\"]\n");
+    let f = config_file(&format!(
+        "[local_policy]\npath = {:?}\n",
+        policy.path().display().to_string()
+    ));
+    for cmd in ["check-config", "run"] {
+        let o = run(&[cmd, "--config", f.path().to_str().unwrap()], &[]);
+        assert_eq!(o.status.code(), Some(64), "{cmd}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(
+            e.contains("local_policy.path") && e.contains("users.bob.routes"),
+            "{cmd}: {e}"
+        );
+    }
+    // Without a file, check-config says that everyone ocserv authenticated is admitted.
+    let o = run(&["check-config"], &[]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&o.stdout)
+            .contains("every user that ocserv authenticated is admitted"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
