@@ -7,6 +7,7 @@
 pub mod grpc_front_door;
 pub mod metrics_server;
 pub mod ocserv_ctl;
+pub mod portal_link;
 pub mod session_registry;
 pub mod supervisor;
 
@@ -25,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::serve::Endpoint;
 
 pub use crate::tree::{
-    Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY, SUPERVISOR,
+    Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, PORTAL_LINK, SESSION_REGISTRY, SUPERVISOR,
 };
 
 impl Child {
@@ -34,7 +35,7 @@ impl Child {
     /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
     /// actor is not running.
     pub fn strike(self, panic: bool) -> Option<ractor::ActorId> {
-        use crate::messages::{CtlMsg, RegistryMsg, ServerMsg};
+        use crate::messages::{CtlMsg, PortalMsg, RegistryMsg, ServerMsg};
         let cell = ractor::registry::where_is(self.name())?;
         if !panic {
             cell.kill();
@@ -42,6 +43,7 @@ impl Child {
             let delivered = match self {
                 Child::OcservCtl => cell.send_message(CtlMsg::Crash).is_ok(),
                 Child::SessionRegistry => cell.send_message(RegistryMsg::Crash).is_ok(),
+                Child::PortalLink => cell.send_message(PortalMsg::Crash).is_ok(),
                 Child::MetricsServer | Child::GrpcFrontDoor => {
                     cell.send_message(ServerMsg::Crash).is_ok()
                 }
@@ -72,6 +74,9 @@ pub struct Context {
     /// The gRPC listeners: the Unix socket, then the TCP address when configured.
     pub grpc_endpoints: Vec<Arc<Endpoint>>,
     pub metrics_endpoint: Arc<Endpoint>,
+    /// What the portal link keeps across its restarts: the circuit breaker (an open breaker
+    /// stays open) and the bound on portal calls in flight.
+    pub portal: portal_link::PortalShared,
     /// Cleared when a server could not drain its connections within the shutdown grace, so an
     /// ordered shutdown that cut calls short reports a failure.
     pub drained_in_time: AtomicBool,
@@ -97,6 +102,7 @@ impl Context {
                 c.grpc.max_concurrent_requests,
             ),
             kicks: Default::default(),
+            portal: Default::default(),
             config: RwLock::new(Arc::new(config)),
             metrics,
             grpc_endpoints,

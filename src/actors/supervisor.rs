@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use crate::actors::grpc_front_door::GrpcFrontDoor;
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::ocserv_ctl::OcservCtl;
+use crate::actors::portal_link::PortalLink;
 use crate::actors::session_registry::SessionRegistry;
 use crate::actors::{Child, Context};
 use crate::messages::SupervisorMsg;
@@ -64,6 +65,7 @@ async fn spawn_child(
     match child {
         Child::OcservCtl => drop(Actor::spawn_linked(name, OcservCtl, c, sup).await?),
         Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
+        Child::PortalLink => drop(Actor::spawn_linked(name, PortalLink, c, sup).await?),
         Child::MetricsServer => drop(Actor::spawn_linked(name, MetricsServer, c, sup).await?),
         Child::GrpcFrontDoor => drop(Actor::spawn_linked(name, GrpcFrontDoor, c, sup).await?),
     }
