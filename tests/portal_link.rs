@@ -449,3 +449,22 @@ async fn calls_survive_kills_and_panics_of_the_link() {
     assert!(ask("after").await.unwrap().decision.allowed);
     s.agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_tls_file_stops_the_start_naming_its_key() {
+    let portal = PortalDouble::start_tls().await;
+    let fake = FakeOcserv::with_sessions(vec![]);
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "-----BEGIN CERTIFICATE-----\nnot base64 !!\n").unwrap();
+    let mut cfg = portal.config();
+    cfg.cert_file = Some(junk);
+    let err = ocserv_agent::app::start(config(dir.path(), &fake, cfg))
+        .await
+        .err()
+        .expect("the start fails");
+    let text = format!("{err:#}");
+    assert!(text.contains("portal.cert_file"), "{text}");
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+    assert_eq!(portal.total_calls(), 0);
+}

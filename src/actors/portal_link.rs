@@ -35,14 +35,17 @@
 //! warned about at start. The channel connects lazily and reconnects by itself, so a portal that
 //! is down at start or comes back later needs nothing from the actor. The TLS files are loaded in
 //! `pre_start`: a missing or unparsable file fails the start with an error naming the key
-//! (`portal.cert_file: ...`). A SIGHUP that changes `[portal]` rebuilds the client; when the new
-//! files cannot be loaded the old client stays and the error is logged.
+//! (`portal.cert_file: ...`). Whenever the configuration in force changes `[portal]` (on SIGHUP
+//! only `portal.call_timeout` is live; the other keys wait for a process restart) the client is
+//! rebuilt; when the new files cannot be loaded the old client stays and the error is logged.
 //!
 //! State across restarts: the [`Breaker`] and the in-flight bound live in [`PortalShared`] in the
 //! shared context, so a crash or kill of this actor keeps an open breaker open (and calls keep
 //! being rejected without reaching the portal). Call tasks outlive a restart: they answer their
-//! callers and report their outcome to whichever incarnation is registered then. A change of
-//! `[portal.breaker]` on SIGHUP starts a new, closed breaker.
+//! callers and report their outcome to whichever incarnation is registered then (an outcome
+//! that arrives while no incarnation is registered is lost; a lost probe expires after
+//! `probe_timeout`). A change of `[portal.breaker]` or of `portal.call_timeout` (the probe's
+//! timeout derives from it) starts a new, closed breaker.
 //!
 //! Metrics: `ocserv_agent_portal_requests_total{method,status}`,
 //! `ocserv_agent_portal_request_duration_seconds{method}` (calls that went out only) and
