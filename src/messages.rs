@@ -126,20 +126,6 @@ pub struct HookEvent {
     pub at: std::time::SystemTime,
 }
 
-/// What the hook knows about a connect, for the policy sources.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PolicyQuery {
-    pub username: String,
-    /// Empty when the user has no group.
-    pub groupname: String,
-    pub client_ip: Option<IpAddr>,
-    pub vpn_ip: Option<IpAddr>,
-    /// ocserv's `ID`; sent to the portal as the decimal string that `GetActiveSessions` reports
-    /// as `session_id`.
-    pub session_id: u32,
-    pub device: String,
-}
-
 impl From<&crate::hook_proto::HookRequest> for PolicyQuery {
     fn from(r: &crate::hook_proto::HookRequest) -> Self {
         Self {
@@ -200,37 +186,87 @@ pub enum SupervisorMsg {
     Shutdown(RpcReplyPort<()>),
 }
 
-/// What the portal answered to `CheckPolicy`.
+/// What the hook knows about a connect, asked of the portal by `PortalLink`
+/// ([`PortalMsg::CheckPolicy`]); every field goes into `vpn.v1.CheckPolicyRequest`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyQuery {
+    pub username: String,
+    /// ocserv's group of the user; empty when it has none.
+    pub groupname: String,
+    /// The client's real address (ocserv's `IP_REAL`).
+    pub client_ip: Option<IpAddr>,
+    /// The address ocserv gave the client inside the tunnel (`IP_REMOTE`).
+    pub vpn_ip: Option<IpAddr>,
+    /// ocserv's `ID` of the session; sent as the decimal string that `GetActiveSessions`
+    /// reports as `session_id`.
+    pub session_id: u32,
+    /// The tun device of the session (`DEVICE`).
+    pub device: String,
+}
+
+/// The portal's answer to [`PortalMsg::CheckPolicy`], checked whole: every route a network,
+/// every DNS server an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortalAnswer {
     pub decision: crate::policy::Decision,
-    /// Disconnect the user's other live sessions (all of them when the connect is denied).
+    /// `CheckPolicyResponse.should_disconnect`: with an admission, the user's *other* live
+    /// sessions go (one session per user); with a denial, every live session of the user goes.
     pub should_disconnect: bool,
 }
 
-/// Why no portal answer could be had.
+/// Why `PortalLink` has no answer from the portal. The caller (the policy cache) applies its
+/// fail mode to every one of these.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PortalError {
-    #[error("no portal is configured (portal.endpoint)")]
+    /// No `portal.endpoint` is configured.
+    #[error("no portal configured (portal.endpoint is not set)")]
     NotConfigured,
-    #[error("the portal's circuit breaker is open")]
+    /// The circuit breaker is open (or half-open with its probe in flight): not asked.
+    #[error("the portal's circuit breaker is open; not asked")]
     BreakerOpen,
+    /// No answer within `portal.call_timeout`.
     #[error("the portal did not answer within portal.call_timeout")]
     Timeout,
+    /// The portal could not be reached: connect, TLS or transport failure, or too many calls
+    /// in flight already.
     #[error("the portal is unreachable: {0}")]
     Unavailable(String),
-    #[error("the portal answered {code}: {message}")]
-    Status { code: String, message: String },
+    /// The portal answered with an error status.
+    #[error("the portal answered {code:?}: {message}")]
+    Status { code: tonic::Code, message: String },
+    /// The portal's answer cannot be used (refused whole, never half-applied).
     #[error("the portal's answer is invalid: {field}: {reason}")]
-    InvalidAnswer { field: &'static str, reason: String },
+    InvalidAnswer { field: String, reason: String },
 }
 
-/// To the `PortalLink`.
+impl PortalError {
+    /// The `status` label of `ocserv_agent_portal_requests_total` (success is `ok`; an error
+    /// status of the portal is labelled with its gRPC code name, e.g. `PERMISSION_DENIED`).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::NotConfigured => "not_configured",
+            Self::BreakerOpen => "breaker_open",
+            Self::Timeout => "timeout",
+            Self::Unavailable(_) => "unavailable",
+            Self::Status { code, .. } => crate::metrics::code_name(*code),
+            Self::InvalidAnswer { .. } => "invalid_answer",
+        }
+    }
+}
+
+/// To `PortalLink`.
 #[derive(Debug)]
 pub enum PortalMsg {
+    /// Asks the portal's `vpn.v1.AuthService/CheckPolicy`, behind the circuit breaker and
+    /// within `portal.call_timeout`; the answer comes from the call's own task.
     CheckPolicy {
         request: PolicyQuery,
         reply: RpcReplyPort<Result<PortalAnswer, PortalError>>,
+    },
+    /// A call task's outcome, recorded on the circuit breaker with the permit it was made with.
+    CallEnded {
+        permit: crate::breaker::Permit,
+        outcome: crate::breaker::Outcome,
     },
     Crash,
 }

@@ -75,6 +75,22 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodStatus {
+    pub method: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabel {
+    pub method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabel {
+    pub service: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,6 +128,9 @@ pub struct Metrics {
     pub cache_requests: Family<ResultLabel, Counter>,
     pub cache_size: Gauge,
     pub local_policy_reloads: Family<OutcomeLabel, Counter>,
+    pub portal_requests: Family<MethodStatus, Counter>,
+    pub portal_request_duration: Family<MethodLabel, Histogram, fn() -> Histogram>,
+    pub circuit_breaker_state: Family<ServiceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -223,6 +242,29 @@ impl Metrics {
             })
             .set(1);
         agent.register("build_info", "Build information", build_info);
+        let portal_requests = Family::<MethodStatus, Counter>::default();
+        agent.register(
+            "portal_requests",
+            "Calls to the portal by method and outcome (ok, timeout, unavailable, breaker_open, \
+             not_configured, invalid_answer, or the portal's gRPC status code)",
+            portal_requests.clone(),
+        );
+        let portal_request_duration =
+            Family::<MethodLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            );
+        agent.register_with_unit(
+            "portal_request_duration",
+            "Latency of calls that reached out to the portal",
+            prometheus_client::registry::Unit::Seconds,
+            portal_request_duration.clone(),
+        );
+        let circuit_breaker_state = Family::<ServiceLabel, Gauge>::default();
+        agent.register(
+            "circuit_breaker_state",
+            "Circuit breaker in front of a portal service: 0 closed, 1 half-open, 2 open",
+            circuit_breaker_state.clone(),
+        );
 
         let ocserv = root.sub_registry_with_prefix("ocserv");
         let ocserv_up = Gauge::default();
@@ -284,6 +326,9 @@ impl Metrics {
             cache_requests,
             cache_size,
             local_policy_reloads,
+            portal_requests,
+            portal_request_duration,
+            circuit_breaker_state,
         }
     }
 
@@ -425,6 +470,33 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// Records one call to the portal: its outcome, and its latency when it reached out to the
+    /// portal (`elapsed` is `None` for calls answered without a network call).
+    pub fn observe_portal(
+        &self,
+        method: &'static str,
+        status: &'static str,
+        elapsed: Option<Duration>,
+    ) {
+        self.portal_requests
+            .get_or_create(&MethodStatus { method, status })
+            .inc();
+        if let Some(elapsed) = elapsed {
+            self.portal_request_duration
+                .get_or_create(&MethodLabel { method })
+                .observe(elapsed.as_secs_f64());
+        }
+    }
+
+    /// The state of the circuit breaker in front of `service` (`auth`, ...).
+    pub fn set_breaker_state(&self, service: &'static str, state: crate::breaker::BreakerState) {
+        self.circuit_breaker_state
+            .get_or_create(&ServiceLabel { service })
+            .set(state.gauge());
+    }
+}
+
 /// The canonical upper-snake name of a gRPC status code.
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
@@ -461,6 +533,9 @@ mod tests {
         m.grpc_request("GetActiveSessions", tonic::Code::NotFound);
         m.set_active_sessions(Some(0));
         m.connection_refused("grpc_socket", "peer_uid");
+        m.observe_portal("CheckPolicy", "ok", Some(Duration::from_millis(3)));
+        m.observe_portal("CheckPolicy", "breaker_open", None);
+        m.set_breaker_state("auth", crate::breaker::BreakerState::Open);
         m.set_ocserv_status(&ServerStatus {
             active_sessions: 3,
             bytes_in: 5000,
@@ -480,6 +555,10 @@ mod tests {
             "ocserv_total_sessions 3",
             "ocserv_bytes_in_total 5000",
             "ocserv_auth_failures_total 2",
+            "ocserv_agent_portal_requests_total{method=\"CheckPolicy\",status=\"ok\"} 1",
+            "ocserv_agent_portal_requests_total{method=\"CheckPolicy\",status=\"breaker_open\"} 1",
+            "ocserv_agent_portal_request_duration_seconds_count{method=\"CheckPolicy\"} 1",
+            "ocserv_agent_circuit_breaker_state{service=\"auth\"} 2",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

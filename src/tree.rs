@@ -6,6 +6,7 @@
 pub enum Child {
     OcservCtl,
     SessionRegistry,
+    PortalLink,
     PolicyCache,
     MetricsServer,
     GrpcFrontDoor,
@@ -13,9 +14,10 @@ pub enum Child {
 }
 
 impl Child {
-    pub const ALL: [Child; 6] = [
+    pub const ALL: [Child; 7] = [
         Child::OcservCtl,
         Child::SessionRegistry,
+        Child::PortalLink,
         Child::PolicyCache,
         Child::MetricsServer,
         Child::GrpcFrontDoor,
@@ -32,6 +34,7 @@ impl Child {
         match self {
             Child::OcservCtl => OCSERV_CTL,
             Child::SessionRegistry => SESSION_REGISTRY,
+            Child::PortalLink => PORTAL_LINK,
             Child::MetricsServer => METRICS_SERVER,
             Child::GrpcFrontDoor => GRPC_FRONT_DOOR,
             Child::PolicyCache => POLICY_CACHE,
@@ -43,8 +46,8 @@ impl Child {
 pub const SUPERVISOR: &str = "supervisor";
 pub const OCSERV_CTL: &str = "ocserv_ctl";
 pub const SESSION_REGISTRY: &str = "session_registry";
+pub const PORTAL_LINK: &str = "portal_link";
 pub const METRICS_SERVER: &str = "metrics_server";
 pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";
 pub const POLICY_CACHE: &str = "policy_cache";
 pub const HOOK_LISTENER: &str = "hook_listener";
-pub const PORTAL_LINK: &str = "portal_link";

@@ -9,6 +9,7 @@ pub mod hook_listener;
 pub mod metrics_server;
 pub mod ocserv_ctl;
 pub mod policy_cache;
+pub mod portal_link;
 pub mod session_registry;
 pub mod supervisor;
 
@@ -39,7 +40,7 @@ impl Child {
     /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
     /// actor is not running.
     pub fn strike(self, panic: bool) -> Option<ractor::ActorId> {
-        use crate::messages::{CtlMsg, PolicyMsg, RegistryMsg, ServerMsg};
+        use crate::messages::{CtlMsg, PolicyMsg, PortalMsg, RegistryMsg, ServerMsg};
         let cell = ractor::registry::where_is(self.name())?;
         if !panic {
             cell.kill();
@@ -48,6 +49,7 @@ impl Child {
                 Child::OcservCtl => cell.send_message(CtlMsg::Crash).is_ok(),
                 Child::SessionRegistry => cell.send_message(RegistryMsg::Crash).is_ok(),
                 Child::PolicyCache => cell.send_message(PolicyMsg::Crash).is_ok(),
+                Child::PortalLink => cell.send_message(PortalMsg::Crash).is_ok(),
                 Child::MetricsServer | Child::GrpcFrontDoor | Child::HookListener => {
                     cell.send_message(ServerMsg::Crash).is_ok()
                 }
@@ -94,6 +96,9 @@ pub struct Context {
     /// The local policy in force (`local_policy.path`, or "admit everyone" without a file);
     /// replaced on SIGHUP.
     local_policy: RwLock<Arc<LocalPolicy>>,
+    /// What the portal link keeps across its restarts: the circuit breaker (an open breaker
+    /// stays open) and the bound on portal calls in flight.
+    pub portal: portal_link::PortalShared,
     /// Cleared when a server could not drain its connections within the shutdown grace, so an
     /// ordered shutdown that cut calls short reports a failure.
     pub drained_in_time: AtomicBool,
@@ -122,6 +127,7 @@ impl Context {
                 c.grpc.max_concurrent_requests,
             ),
             kicks: Default::default(),
+            portal: Default::default(),
             config: RwLock::new(Arc::new(config)),
             metrics,
             grpc_endpoints: endpoints.grpc,

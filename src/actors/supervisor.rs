@@ -19,6 +19,7 @@ use crate::actors::hook_listener::HookListener;
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::ocserv_ctl::OcservCtl;
 use crate::actors::policy_cache::PolicyCache;
+use crate::actors::portal_link::PortalLink;
 use crate::actors::session_registry::SessionRegistry;
 use crate::actors::{Child, Context};
 use crate::messages::SupervisorMsg;
@@ -66,6 +67,7 @@ async fn spawn_child(
     match child {
         Child::OcservCtl => drop(Actor::spawn_linked(name, OcservCtl, c, sup).await?),
         Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
+        Child::PortalLink => drop(Actor::spawn_linked(name, PortalLink, c, sup).await?),
         Child::MetricsServer => drop(Actor::spawn_linked(name, MetricsServer, c, sup).await?),
         Child::GrpcFrontDoor => drop(Actor::spawn_linked(name, GrpcFrontDoor, c, sup).await?),
         Child::PolicyCache => drop(Actor::spawn_linked(name, PolicyCache, c, sup).await?),

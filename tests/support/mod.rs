@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod lab;
+pub mod portal;
 
 #[allow(unused_imports)]
 pub use lab::{Client, Lab, LabOptions, LabUser};

@@ -1,0 +1,754 @@
+//! `PortalLink`: the agent's gRPC client to the portal's `vpn.v1.AuthService`, behind a circuit
+//! breaker.
+//!
+//! Input: [`PortalMsg::CheckPolicy`] with a [`PolicyQuery`] (from the policy cache). Output: a
+//! [`PortalAnswer`] (the portal's decision, checked whole) or a typed [`PortalError`], always
+//! answered, never a hang.
+//!
+//! Per call, in the handler and without awaiting anything: no endpoint configured →
+//! [`PortalError::NotConfigured`]; already [`MAX_IN_FLIGHT`] calls in flight →
+//! `Unavailable("too many portal calls in flight")`; the breaker rejects →
+//! [`PortalError::BreakerOpen`] (no network call). Otherwise the call runs in its own task with the
+//! deadline `portal.call_timeout` (sent to the portal as `grpc-timeout` and enforced here), the
+//! task reports the outcome to the actor ([`PortalMsg::CallEnded`], recorded on the breaker) and
+//! then answers the caller, so the next request of the same caller sees the breaker updated.
+//!
+//! What counts as a breaker failure: a timeout, a connect/TLS/transport error, and the statuses
+//! `UNAVAILABLE`, `DEADLINE_EXCEEDED`, `INTERNAL`, `RESOURCE_EXHAUSTED`, `UNKNOWN` and
+//! `CANCELLED` (the portal did not decide). Any other status (`PERMISSION_DENIED`,
+//! `INVALID_ARGUMENT`, `NOT_FOUND`, ...) and an answer refused as invalid are the portal working:
+//! they count as successes, so one user's bad data never opens the breaker for everybody.
+//!
+//! The answer: `allowed`, `deny_reason` (control characters replaced by spaces, cut at
+//! [`MAX_REASON_LEN`] bytes; an empty reason becomes "denied by the portal"), `routes`,
+//! `dns_servers` and `should_disconnect` are all used. Routes are accepted as ocserv accepts
+//! them in a per-user file: `address/prefix` or IPv4 `address/netmask` (contiguous), re-serialized
+//! as CIDR; a route with host bits set, a bare address, or anything else refuses the whole answer
+//! ([`PortalError::InvalidAnswer`] naming `routes[i]`), like the local policy file does. DNS
+//! servers must be IP addresses (`dns_servers[i]`). A denial's routes and DNS are not used and not
+//! checked. `metadata` carries nothing the agent acts on.
+//!
+//! Transport: `https://` is rustls with TLS 1.3 only (ring provider), the portal's CA from
+//! `portal.ca_file` as the only trust root, the client certificate and key from
+//! `portal.cert_file`/`portal.key_file`, verified against `portal.server_name` (else the
+//! endpoint's host), ALPN `h2`. `http://` (loopback only, checked by the config) is plaintext and
+//! warned about at start. The channel connects lazily and reconnects by itself, so a portal that
+//! is down at start or comes back later needs nothing from the actor. The TLS files are loaded in
+//! `pre_start`: a missing or unparsable file fails the start with an error naming the key
+//! (`portal.cert_file: ...`). Whenever the configuration in force changes `[portal]` (on SIGHUP
+//! only `portal.call_timeout` is live; the other keys wait for a process restart) the client is
+//! rebuilt; when the new files cannot be loaded the old client stays and the error is logged.
+//!
+//! State across restarts: the [`Breaker`] and the in-flight bound live in [`PortalShared`] in the
+//! shared context, so a crash or kill of this actor keeps an open breaker open (and calls keep
+//! being rejected without reaching the portal). Call tasks outlive a restart: they answer their
+//! callers and report their outcome to whichever incarnation is registered then (an outcome
+//! that arrives while no incarnation is registered is lost; a lost probe expires after
+//! `probe_timeout`). A change of `[portal.breaker]` or of `portal.call_timeout` (the probe's
+//! timeout derives from it) starts a new, closed breaker.
+//!
+//! Metrics: `ocserv_agent_portal_requests_total{method,status}`,
+//! `ocserv_agent_portal_request_duration_seconds{method}` (calls that went out only) and
+//! `ocserv_agent_circuit_breaker_state{service="auth"}`, set at every change of state (an open
+//! breaker whose `open_for` has passed turns half-open at the next call). The agent's readiness
+//! never depends on the portal. No key material is ever logged.
+
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ipnet::{IpNet, Ipv4Net};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::sync::Semaphore;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::actors::{Context, PORTAL_LINK};
+use crate::breaker::{Acquire, Breaker, BreakerState, Outcome, Permit};
+use crate::config::{Config, PortalConfig};
+use crate::messages::{PolicyQuery, PortalAnswer, PortalError, PortalMsg};
+use crate::policy::Decision;
+use crate::proto::vpn::v1::auth_service_client::AuthServiceClient;
+use crate::proto::vpn::v1::{CheckPolicyRequest, CheckPolicyResponse};
+
+/// Portal calls in flight at once, across restarts of the actor; beyond it a call is answered
+/// `Unavailable` at once. Single-flight in the policy cache keeps real numbers far below.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// The longest denial reason kept from the portal, in bytes.
+pub const MAX_REASON_LEN: usize = 256;
+
+/// The `method` label of this actor's calls.
+const CHECK_POLICY: &str = "CheckPolicy";
+
+/// The `service` label of the breaker's gauge.
+const SERVICE: &str = "auth";
+
+/// What outlives a restart of the actor (kept in [`Context::portal`]).
+pub struct PortalShared {
+    /// Created by the first incarnation from `[portal.breaker]`; replaced when that changes.
+    breaker: Mutex<Option<Breaker>>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Default for PortalShared {
+    fn default() -> Self {
+        Self {
+            breaker: Mutex::new(None),
+            in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+}
+
+impl PortalShared {
+    fn lock(&self) -> MutexGuard<'_, Option<Breaker>> {
+        self.breaker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The breaker's state (closed before the actor first started).
+    pub fn breaker_state(&self) -> BreakerState {
+        self.lock()
+            .as_ref()
+            .map_or(BreakerState::Closed, |b| b.state())
+    }
+}
+
+/// Why the portal client cannot be built: the key at fault and the reason (never file contents).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct PortalSetupError {
+    pub key: &'static str,
+    pub reason: String,
+}
+
+fn setup_err(key: &'static str, reason: impl Into<String>) -> PortalSetupError {
+    PortalSetupError {
+        key,
+        reason: reason.into(),
+    }
+}
+
+/// Reads a PEM file named by `key`.
+fn read_pem(
+    key: &'static str,
+    path: Option<&std::path::PathBuf>,
+) -> Result<Vec<u8>, PortalSetupError> {
+    let path = path.ok_or_else(|| setup_err(key, "required when portal.endpoint is https"))?;
+    std::fs::read(path).map_err(|e| setup_err(key, format!("cannot read {}: {e}", path.display())))
+}
+
+/// Certificates of a PEM file; at least one.
+fn certificates(
+    key: &'static str,
+    path: Option<&std::path::PathBuf>,
+) -> Result<Vec<CertificateDer<'static>>, PortalSetupError> {
+    let pem = read_pem(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| setup_err(key, format!("not a PEM certificate file: {e}")))?;
+    match certs.is_empty() {
+        true => Err(setup_err(key, "holds no PEM certificate")),
+        false => Ok(certs),
+    }
+}
+
+/// The rustls client configuration of `[portal]`: TLS 1.3 only, `ca_file` as the only root,
+/// the client certificate and key, ALPN `h2`.
+pub fn tls_config(cfg: &PortalConfig) -> Result<rustls::ClientConfig, PortalSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates("portal.ca_file", cfg.ca_file.as_ref())? {
+        roots
+            .add(ca)
+            .map_err(|e| setup_err("portal.ca_file", format!("unusable CA certificate: {e}")))?;
+    }
+    let chain = certificates("portal.cert_file", cfg.cert_file.as_ref())?;
+    let key_pem = read_pem("portal.key_file", cfg.key_file.as_ref())?;
+    // The parser's error says what was wrong with the file's structure, never its content.
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        setup_err(
+            "portal.key_file",
+            format!("no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"),
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| setup_err("portal.endpoint", format!("TLS 1.3 unavailable: {e}")))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| {
+            setup_err(
+                "portal.key_file",
+                format!("does not fit portal.cert_file or is unsupported: {e}"),
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The client of `[portal]`, connecting lazily; `None` when no endpoint is configured.
+pub fn client(cfg: &PortalConfig) -> Result<Option<AuthServiceClient<Channel>>, PortalSetupError> {
+    let Some(endpoint) = cfg.endpoint.as_deref() else {
+        return Ok(None);
+    };
+    let ep = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| setup_err("portal.endpoint", e.to_string()))?
+        .connect_timeout(cfg.call_timeout)
+        .tcp_nodelay(true);
+    if !cfg.is_tls() {
+        tracing::warn!(
+            endpoint,
+            "portal.endpoint is plaintext http: decisions travel unencrypted and unauthenticated \
+             (loopback only; use https with mTLS in production)"
+        );
+        return Ok(Some(AuthServiceClient::new(ep.connect_lazy())));
+    }
+    let uri = ep.uri().clone();
+    let host = uri
+        .host()
+        .ok_or_else(|| setup_err("portal.endpoint", "has no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(443);
+    let name = cfg.server_name.clone().unwrap_or_else(|| host.clone());
+    let server_name = ServerName::try_from(name.clone()).map_err(|e| {
+        let key = match cfg.server_name {
+            Some(_) => "portal.server_name",
+            None => "portal.endpoint",
+        };
+        setup_err(key, format!("{name:?} is not a TLS server name: {e}"))
+    })?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(tls_config(cfg)?));
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (tls, server_name, host) = (tls.clone(), server_name.clone(), host.clone());
+        async move {
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream = tls.connect(server_name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    Ok(Some(AuthServiceClient::new(
+        ep.connect_with_connector_lazy(connector),
+    )))
+}
+
+/// The request of `query`, stamped `now`.
+pub fn request_of(query: &PolicyQuery, now: std::time::SystemTime) -> CheckPolicyRequest {
+    let ip = |a: Option<IpAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    CheckPolicyRequest {
+        username: query.username.clone(),
+        groupname: query.groupname.clone(),
+        client_ip: ip(query.client_ip),
+        vpn_ip: ip(query.vpn_ip),
+        session_id: query.session_id.to_string(),
+        device: query.device.clone(),
+        request_time: Some(prost_types::Timestamp::from(now)),
+    }
+}
+
+/// A route as ocserv accepts it: `address/prefix`, or IPv4 `address/netmask`; no host bits.
+pub fn parse_route(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    let (addr, mask) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not a network (like \"10.0.0.0/8\")"))?;
+    let net = match (
+        IpNet::from_str(s),
+        addr.parse::<std::net::Ipv4Addr>(),
+        mask.parse(),
+    ) {
+        (Ok(net), _, _) => net,
+        (Err(_), Ok(a), Ok(m)) => {
+            let prefix = ipnet::ipv4_mask_to_prefix(m)
+                .map_err(|_| format!("{s:?} has a non-contiguous netmask"))?;
+            IpNet::V4(Ipv4Net::new(a, prefix).map_err(|e| format!("{s:?}: {e}"))?)
+        }
+        _ => return Err(format!("{s:?} is not a network (like \"10.0.0.0/8\")")),
+    };
+    match net == net.trunc() {
+        true => Ok(net),
+        false => Err(format!(
+            "{s:?} has host bits set (the network is {})",
+            net.trunc()
+        )),
+    }
+}
+
+/// A denial's reason as shown in logs and the hook's answer.
+fn clean_reason(reason: &str) -> String {
+    let mut out: String = reason
+        .trim()
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if out.len() > MAX_REASON_LEN {
+        let mut cut = MAX_REASON_LEN;
+        while !out.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.truncate(cut);
+    }
+    match out.is_empty() {
+        true => "denied by the portal".to_owned(),
+        false => out,
+    }
+}
+
+/// Checks and maps the portal's answer: all of it, or nothing.
+pub fn answer_of(r: CheckPolicyResponse) -> Result<PortalAnswer, PortalError> {
+    let invalid = |field: String, reason: String| PortalError::InvalidAnswer { field, reason };
+    let decision = match r.allowed {
+        false => Decision::deny(clean_reason(&r.deny_reason)),
+        true => {
+            let routes =
+                r.routes.iter().enumerate().map(|(i, s)| {
+                    parse_route(s).map_err(|why| invalid(format!("routes[{i}]"), why))
+                });
+            let dns = r.dns_servers.iter().enumerate().map(|(i, s)| {
+                s.trim().parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        format!("dns_servers[{i}]"),
+                        format!("{s:?} is not an IP address"),
+                    )
+                })
+            });
+            Decision {
+                routes: routes.collect::<Result<_, _>>()?,
+                dns: dns.collect::<Result<_, _>>()?,
+                ..Decision::allow()
+            }
+        }
+    };
+    Ok(PortalAnswer {
+        decision,
+        should_disconnect: r.should_disconnect,
+    })
+}
+
+/// Whether `status` was made on this side (transport, timeout) rather than sent by the portal;
+/// tonic attaches the underlying error as the source of the former.
+fn local_cause(status: &tonic::Status) -> Option<PortalError> {
+    let mut source = std::error::Error::source(status)?;
+    loop {
+        if source.is::<tonic::TimeoutExpired>() {
+            return Some(PortalError::Timeout);
+        }
+        match source.source() {
+            Some(next) => source = next,
+            None => break,
+        }
+    }
+    let mut message = status.message().to_owned();
+    if let Some(inner) = std::error::Error::source(status) {
+        let mut cause: Option<&dyn std::error::Error> = Some(inner);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message = format!("{message}: {text}");
+            }
+            cause = c.source();
+        }
+    }
+    Some(PortalError::Unavailable(message))
+}
+
+/// Maps a failed call.
+pub fn error_of(status: tonic::Status) -> PortalError {
+    local_cause(&status).unwrap_or_else(|| PortalError::Status {
+        code: status.code(),
+        message: status.message().to_owned(),
+    })
+}
+
+/// How a call's result counts on the breaker.
+pub fn breaker_outcome(result: &Result<PortalAnswer, PortalError>) -> Outcome {
+    use tonic::Code;
+    match result {
+        Ok(_) | Err(PortalError::InvalidAnswer { .. }) => Outcome::Success,
+        Err(PortalError::Timeout | PortalError::Unavailable(_)) => Outcome::Failure,
+        Err(PortalError::Status { code, .. }) => match code {
+            Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::Internal
+            | Code::ResourceExhausted
+            | Code::Unknown
+            | Code::Cancelled => Outcome::Failure,
+            _ => Outcome::Success,
+        },
+        // Never made a call.
+        Err(PortalError::NotConfigured | PortalError::BreakerOpen) => Outcome::Success,
+    }
+}
+
+/// One call to the portal within `deadline`.
+async fn check_policy(
+    mut client: AuthServiceClient<Channel>,
+    query: PolicyQuery,
+    deadline: Duration,
+) -> Result<PortalAnswer, PortalError> {
+    let mut request = tonic::Request::new(request_of(&query, std::time::SystemTime::now()));
+    request.set_timeout(deadline);
+    match tokio::time::timeout(deadline, client.check_policy(request)).await {
+        Err(_) => Err(PortalError::Timeout),
+        Ok(Err(status)) => Err(error_of(status)),
+        Ok(Ok(response)) => answer_of(response.into_inner()),
+    }
+}
+
+pub struct PortalLink;
+
+pub struct PortalState {
+    ctx: Arc<Context>,
+    client: Option<AuthServiceClient<Channel>>,
+    /// The configuration the client and breaker were built from.
+    built_from: Arc<Config>,
+}
+
+impl PortalState {
+    /// Follows a SIGHUP: a new client when `[portal]` changed (the old one stays when the new
+    /// one cannot be built), a new breaker when its settings changed.
+    fn follow_config(&mut self) {
+        let live = self.ctx.config();
+        if Arc::ptr_eq(&live, &self.built_from) {
+            return;
+        }
+        if live.portal != self.built_from.portal {
+            match client(&live.portal) {
+                Ok(c) => {
+                    tracing::info!(endpoint = ?live.portal.endpoint, "portal client rebuilt");
+                    self.client = c;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "new [portal] settings unusable; keeping the old client");
+                }
+            }
+            ensure_breaker(&self.ctx, &live.portal);
+        }
+        self.built_from = live;
+    }
+
+    /// Answers at once (not configured, too busy, breaker open) or starts the call's task.
+    fn start_call(
+        &self,
+        request: PolicyQuery,
+        reply: RpcReplyPort<Result<PortalAnswer, PortalError>>,
+    ) {
+        let ctx = &self.ctx;
+        let Some(client) = self.client.clone() else {
+            return answer_now(ctx, reply, PortalError::NotConfigured);
+        };
+        let Ok(slot) = ctx.portal.in_flight.clone().try_acquire_owned() else {
+            let busy = PortalError::Unavailable("too many portal calls in flight".into());
+            return answer_now(ctx, reply, busy);
+        };
+        let (acquired, now_state) = {
+            let mut b = ctx.portal.lock();
+            match b.as_mut() {
+                Some(b) => (b.try_acquire(Instant::now()), b.state()),
+                // ensure_breaker ran in pre_start; an unusable setting never gets here.
+                None => (Acquire::Rejected, BreakerState::Open),
+            }
+        };
+        ctx.metrics.set_breaker_state(SERVICE, now_state);
+        let permit: Permit = match acquired {
+            Acquire::Permit(p) => p,
+            Acquire::Rejected => return answer_now(ctx, reply, PortalError::BreakerOpen),
+        };
+        let (ctx, deadline) = (ctx.clone(), self.built_from.portal.call_timeout);
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = check_policy(client, request, deadline).await;
+            let status = result.as_ref().err().map_or("ok", PortalError::label);
+            ctx.metrics
+                .observe_portal(CHECK_POLICY, status, Some(started.elapsed()));
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, probe = permit.is_probe(), "portal call failed");
+            }
+            // Recorded before the caller hears the answer, so its next call sees the breaker
+            // updated. Sent to whichever incarnation is registered now.
+            let outcome = breaker_outcome(&result);
+            if let Some(cell) = ractor::registry::where_is(PORTAL_LINK) {
+                let _ = cell.send_message(PortalMsg::CallEnded { permit, outcome });
+            }
+            let _ = reply.send(result);
+            drop(slot);
+        });
+    }
+}
+
+/// Creates the shared breaker, or replaces it when `[portal.breaker]` changed; sets the gauge.
+fn ensure_breaker(ctx: &Context, cfg: &PortalConfig) {
+    let settings = cfg.breaker_settings();
+    let mut slot = ctx.portal.lock();
+    if slot.as_ref().is_none_or(|b| *b.settings() != settings) {
+        match Breaker::new(settings, rand::random()) {
+            Ok(b) => *slot = Some(b),
+            // A validated config never gets here; keep what there is.
+            Err(e) => {
+                tracing::error!(error = %e, "portal.breaker unusable; keeping the old breaker")
+            }
+        }
+    }
+    let state = slot.as_ref().map_or(BreakerState::Closed, |b| b.state());
+    ctx.metrics.set_breaker_state(SERVICE, state);
+}
+
+fn answer_now(
+    ctx: &Context,
+    reply: RpcReplyPort<Result<PortalAnswer, PortalError>>,
+    error: PortalError,
+) {
+    ctx.metrics
+        .observe_portal(CHECK_POLICY, error.label(), None);
+    let _ = reply.send(Err(error));
+}
+
+impl Actor for PortalLink {
+    type Msg = PortalMsg;
+    type State = PortalState;
+    type Arguments = Arc<Context>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        ctx: Arc<Context>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let built_from = ctx.config();
+        let client = client(&built_from.portal)?;
+        if client.is_none() {
+            tracing::debug!("no portal.endpoint: portal calls are answered NotConfigured");
+        }
+        ensure_breaker(&ctx, &built_from.portal);
+        Ok(PortalState {
+            ctx,
+            client,
+            built_from,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.follow_config();
+        let ctx = &state.ctx;
+        match msg {
+            PortalMsg::CheckPolicy { request, reply } => state.start_call(request, reply),
+            PortalMsg::CallEnded { permit, outcome } => {
+                let mut b = ctx.portal.lock();
+                if let Some(b) = b.as_mut() {
+                    if let Some(changed) = b.record(permit, outcome, Instant::now()) {
+                        tracing::info!(state = changed.as_str(), "portal circuit breaker changed");
+                        ctx.metrics.set_breaker_state(SERVICE, changed);
+                    }
+                }
+            }
+            PortalMsg::Crash => panic!("chaos: crash requested for {PORTAL_LINK}"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn response(routes: &[&str], dns: &[&str]) -> CheckPolicyResponse {
+        CheckPolicyResponse {
+            allowed: true,
+            routes: routes.iter().map(|s| s.to_string()).collect(),
+            dns_servers: dns.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn routes_are_taken_as_ocserv_takes_them() {
+        let net = |s: &str| s.parse::<IpNet>().unwrap();
+        assert_eq!(parse_route("10.0.0.0/8"), Ok(net("10.0.0.0/8")));
+        assert_eq!(
+            parse_route(" 192.168.1.0/255.255.255.0 "),
+            Ok(net("192.168.1.0/24"))
+        );
+        assert_eq!(parse_route("fd00::/64"), Ok(net("fd00::/64")));
+        assert_eq!(parse_route("0.0.0.0/0"), Ok(net("0.0.0.0/0")));
+        for bad in [
+            "10.0.0.1/8",
+            "10.0.0.0",
+            "default",
+            "10.0.0.0/33",
+            "10.0.0.0/255.0.255.0",
+            "10.0.0.0/8\nroute = 0.0.0.0/0",
+            "",
+        ] {
+            assert!(parse_route(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn an_answer_is_taken_whole_or_refused() {
+        let a = answer_of(CheckPolicyResponse {
+            should_disconnect: true,
+            ..response(
+                &["10.1.0.0/16", "192.168.7.0/255.255.255.0"],
+                &["10.1.0.53", "fd00::53"],
+            )
+        })
+        .unwrap();
+        assert!(a.decision.allowed && a.should_disconnect);
+        assert_eq!(a.decision.routes.len(), 2);
+        assert_eq!(a.decision.routes[1].to_string(), "192.168.7.0/24");
+        assert_eq!(a.decision.dns.len(), 2);
+        assert_eq!(a.decision.reason, None);
+
+        let e = answer_of(response(&["10.1.0.0/16", "nonsense"], &[])).unwrap_err();
+        match e {
+            PortalError::InvalidAnswer { field, reason } => {
+                assert_eq!(field, "routes[1]");
+                assert!(reason.contains("nonsense"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = answer_of(response(&[], &["10.0.0.1", "dns.example"])).unwrap_err();
+        assert!(
+            matches!(e, PortalError::InvalidAnswer { ref field, .. } if field == "dns_servers[1]")
+        );
+    }
+
+    #[test]
+    fn a_denial_keeps_a_clean_reason_and_ignores_routes() {
+        let deny = |reason: &str| CheckPolicyResponse {
+            allowed: false,
+            deny_reason: reason.into(),
+            routes: vec!["garbage".into()],
+            ..Default::default()
+        };
+        let a = answer_of(deny("account\nexpired")).unwrap();
+        assert!(!a.decision.allowed);
+        assert_eq!(a.decision.reason.as_deref(), Some("account expired"));
+        assert!(a.decision.routes.is_empty());
+        let a = answer_of(deny("")).unwrap();
+        assert_eq!(a.decision.reason.as_deref(), Some("denied by the portal"));
+        let long = "é".repeat(400);
+        let a = answer_of(deny(&long)).unwrap();
+        assert!(a.decision.reason.unwrap().len() <= MAX_REASON_LEN);
+    }
+
+    #[test]
+    fn every_request_field_is_filled() {
+        let q = PolicyQuery {
+            username: "alice".into(),
+            groupname: "staff".into(),
+            client_ip: Some("192.0.2.7".parse().unwrap()),
+            vpn_ip: Some("10.10.0.5".parse().unwrap()),
+            session_id: 4242,
+            device: "vpns0".into(),
+        };
+        let r = request_of(
+            &q,
+            std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(5),
+        );
+        assert_eq!(r.username, "alice");
+        assert_eq!(r.groupname, "staff");
+        assert_eq!(r.client_ip, "192.0.2.7");
+        assert_eq!(r.vpn_ip, "10.10.0.5");
+        assert_eq!(r.session_id, "4242");
+        assert_eq!(r.device, "vpns0");
+        assert_eq!(r.request_time.unwrap().seconds, 5);
+    }
+
+    #[test]
+    fn only_a_portal_that_does_not_decide_is_a_breaker_failure() {
+        let status = |code| {
+            Err(PortalError::Status {
+                code,
+                message: String::new(),
+            })
+        };
+        for code in [
+            Code::Unavailable,
+            Code::DeadlineExceeded,
+            Code::Internal,
+            Code::ResourceExhausted,
+            Code::Unknown,
+        ] {
+            assert_eq!(breaker_outcome(&status(code)), Outcome::Failure, "{code:?}");
+        }
+        for code in [
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+            Code::NotFound,
+        ] {
+            assert_eq!(breaker_outcome(&status(code)), Outcome::Success, "{code:?}");
+        }
+        assert_eq!(
+            breaker_outcome(&Err(PortalError::Timeout)),
+            Outcome::Failure
+        );
+        let down = Err(PortalError::Unavailable("refused".into()));
+        assert_eq!(breaker_outcome(&down), Outcome::Failure);
+        let bad = Err(PortalError::InvalidAnswer {
+            field: "routes[0]".into(),
+            reason: "x".into(),
+        });
+        assert_eq!(breaker_outcome(&bad), Outcome::Success);
+    }
+
+    #[test]
+    fn statuses_from_the_portal_and_from_the_transport_are_told_apart() {
+        let sent = tonic::Status::permission_denied("no");
+        assert_eq!(
+            error_of(sent),
+            PortalError::Status {
+                code: Code::PermissionDenied,
+                message: "no".into()
+            }
+        );
+        let local = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert_eq!(error_of(local), PortalError::Timeout);
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let local = tonic::Status::from_error(Box::new(io));
+        assert!(matches!(error_of(local), PortalError::Unavailable(m) if m.contains("refused")));
+    }
+
+    #[test]
+    fn tls_files_failing_to_load_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(&junk, "not pem at all").unwrap();
+        let cfg = |ca: &std::path::Path, cert: &std::path::Path| PortalConfig {
+            endpoint: Some("https://portal.example:8443".into()),
+            ca_file: Some(ca.to_path_buf()),
+            cert_file: Some(cert.to_path_buf()),
+            key_file: Some(dir.path().join("missing-key.pem")),
+            ..PortalConfig::default()
+        };
+        let missing = dir.path().join("missing.pem");
+        let e = tls_config(&cfg(&missing, &junk)).unwrap_err();
+        assert_eq!(e.key, "portal.ca_file");
+        assert!(
+            e.to_string().starts_with("portal.ca_file: cannot read"),
+            "{e}"
+        );
+        let e = tls_config(&cfg(&junk, &junk)).unwrap_err();
+        assert_eq!(e.key, "portal.ca_file");
+        assert!(e.reason.contains("no PEM certificate"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn no_endpoint_no_client() {
+        assert!(client(&PortalConfig::default()).unwrap().is_none());
+        let plain = PortalConfig {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            ..PortalConfig::default()
+        };
+        assert!(client(&plain).unwrap().is_some());
+    }
+}
