@@ -14,10 +14,11 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 
 use crate::actors::supervisor::{ExitReason, Supervisor, SupervisorArgs};
-use crate::actors::{Context, SUPERVISOR};
+use crate::actors::{Context, CONFIG_WRITER, SUPERVISOR};
 use crate::config::{Changes, Config};
-use crate::messages::SupervisorMsg;
+use crate::messages::{SupervisorMsg, WriterMsg};
 use crate::metrics::Metrics;
+use crate::policy::local::{LocalPolicy, LocalPolicyError};
 use crate::serve::{Endpoint, Limits, Listener};
 
 /// Exit code when the supervisor gave up (restart intensity exceeded): EX_SOFTWARE.
@@ -96,7 +97,17 @@ fn endpoints(config: &Config) -> eyre::Result<(Vec<Arc<Endpoint>>, Arc<Endpoint>
 }
 
 /// Starts the actor tree. Returns once every actor has started.
+///
+/// The local policy file (`local_policy.path`), when set, is read and validated first: an
+/// invalid one stops the start with a [`LocalPolicyError`] naming the file and the key (the
+/// binary exits with [`crate::config::EXIT_CONFIG`], like any invalid configuration).
 pub async fn start(config: Config) -> eyre::Result<Agent> {
+    let policy = match config.local_policy.path.clone() {
+        Some(path) => tokio::task::spawn_blocking(move || crate::policy::local::load(&path))
+            .await
+            .map_err(|e| eyre::eyre!("reading the local policy: {e}"))??,
+        None => LocalPolicy::admit_all(),
+    };
     let (grpc, metrics_ep) = endpoints(&config)?;
     let grpc_socket = config.grpc.socket.clone();
     let grpc_addr = grpc.iter().find_map(|e| e.listener.local_addr());
@@ -105,7 +116,8 @@ pub async fn start(config: Config) -> eyre::Result<Agent> {
         .local_addr()
         .ok_or_else(|| eyre::eyre!("metrics.listen: no local address"))?;
     let metrics = Arc::new(Metrics::new());
-    let ctx = Arc::new(Context::new(config, metrics.clone(), grpc, metrics_ep));
+    let ctx =
+        Arc::new(Context::new(config, metrics.clone(), grpc, metrics_ep).with_local_policy(policy));
     let (exit_tx, exit_rx) = watch::channel(None);
     let started = Actor::spawn(
         Some(SUPERVISOR.to_string()),
@@ -217,6 +229,9 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: Se
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("ocserv-agent: {e:#}");
+            if e.downcast_ref::<LocalPolicyError>().is_some() {
+                return crate::config::EXIT_CONFIG;
+            }
             return EXIT_START_FAILED;
         }
     };
@@ -250,7 +265,58 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: Se
 /// invalid one is logged and the running one kept (`Err` with the reason). Of a valid one, the
 /// [`crate::config::LIVE_KEYS`] are applied at once and every other changed key keeps its running
 /// value and is named as needing a restart; the returned [`Changes`] says which is which.
+///
+/// Then, whatever became of the configuration, the local policy file is re-read
+/// ([`reload_local_policy`]); its outcome is logged and counted, not returned.
 pub async fn reload<L>(
+    ctx: &Context,
+    load: L,
+    set_log_level: &(dyn Fn(&str) -> Result<(), String> + Send),
+) -> Result<Changes, String>
+where
+    L: FnOnce() -> Result<crate::config::Loaded, crate::config::ConfigError> + Send + 'static,
+{
+    let result = reload_config(ctx, load, set_log_level).await;
+    let _ = reload_local_policy(ctx).await;
+    result
+}
+
+/// SIGHUP, second half: re-reads the local policy file named by the running configuration
+/// (`local_policy.path`, a live key; not set: everyone is admitted), off the async workers.
+/// A valid policy replaces the one in force and `ConfigWriter` is told to sync its per-user
+/// and per-group files; an invalid one is logged, the running policy kept, and `Err` says why.
+/// Either way `ocserv_agent_local_policy_reloads_total{status}` counts it.
+pub async fn reload_local_policy(ctx: &Context) -> Result<Arc<LocalPolicy>, String> {
+    let path = ctx.config().local_policy.path.clone();
+    let read = tokio::task::spawn_blocking(move || match path {
+        Some(p) => crate::policy::local::load(&p).map_err(|e| e.to_string()),
+        None => Ok(LocalPolicy::admit_all()),
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("reading the local policy: {e}")));
+    let policy = match read {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            ctx.metrics.local_policy_reload(false);
+            tracing::error!("SIGHUP: {e}; keeping the running local policy");
+            return Err(e);
+        }
+    };
+    ctx.metrics.local_policy_reload(true);
+    ctx.set_local_policy(policy.clone());
+    tracing::info!(
+        users = policy.users().len(),
+        groups = policy.groups().len(),
+        "SIGHUP: local policy reloaded"
+    );
+    // Not running (restarting): its next incarnation syncs the policy now in force.
+    if let Some(writer) = ractor::registry::where_is(CONFIG_WRITER) {
+        let _ = writer.send_message(WriterMsg::SyncLocalPolicy(policy.clone()));
+    }
+    Ok(policy)
+}
+
+async fn reload_config<L>(
     ctx: &Context,
     load: L,
     set_log_level: &(dyn Fn(&str) -> Result<(), String> + Send),

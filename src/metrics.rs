@@ -50,6 +50,20 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindStatus {
+    /// `user` or `group`.
+    pub kind: &'static str,
+    /// `written`, `unchanged`, `removed`, `error` (the file system failed) or `refused` (unsafe
+    /// name, invalid model or a full queue: nothing was touched).
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -81,6 +95,8 @@ pub struct Metrics {
     pub ocserv_bytes_out: Counter<u64, AtomicU64>,
     pub ocserv_banned_ips: Gauge,
     pub ocserv_auth_failures: Counter<u64, AtomicU64>,
+    pub config_writes: Family<KindStatus, Counter>,
+    pub local_policy_reloads: Family<StatusLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -155,6 +171,18 @@ impl Metrics {
             })
             .set(1);
         agent.register("build_info", "Build information", build_info);
+        let config_writes = Family::<KindStatus, Counter>::default();
+        agent.register(
+            "config_writes",
+            "Per-user and per-group config file requests, by kind and outcome",
+            config_writes.clone(),
+        );
+        let local_policy_reloads = Family::<StatusLabel, Counter>::default();
+        agent.register(
+            "local_policy_reloads",
+            "Local policy file reloads on SIGHUP: ok, or error (the running policy is kept)",
+            local_policy_reloads.clone(),
+        );
 
         let ocserv = root.sub_registry_with_prefix("ocserv");
         let ocserv_up = Gauge::default();
@@ -210,6 +238,8 @@ impl Metrics {
             ocserv_bytes_out,
             ocserv_banned_ips,
             ocserv_auth_failures,
+            config_writes,
+            local_policy_reloads,
         }
     }
 
@@ -302,6 +332,21 @@ impl Metrics {
             .inc();
     }
 
+    /// Records one per-user or per-group file request (`kind`: `user`/`group`).
+    pub fn config_write(&self, kind: &'static str, status: &'static str) {
+        self.config_writes
+            .get_or_create(&KindStatus { kind, status })
+            .inc();
+    }
+
+    /// Records one reload of the local policy file (`ok` or `error`).
+    pub fn local_policy_reload(&self, ok: bool) {
+        let status = if ok { "ok" } else { "error" };
+        self.local_policy_reloads
+            .get_or_create(&StatusLabel { status })
+            .inc();
+    }
+
     pub fn grpc_request(&self, method: &'static str, code: tonic::Code) {
         self.grpc_requests
             .get_or_create(&GrpcLabels {
@@ -348,6 +393,8 @@ mod tests {
         m.grpc_request("GetActiveSessions", tonic::Code::NotFound);
         m.set_active_sessions(Some(0));
         m.connection_refused("grpc_socket", "peer_uid");
+        m.config_write("user", "written");
+        m.local_policy_reload(false);
         m.set_ocserv_status(&ServerStatus {
             active_sessions: 3,
             bytes_in: 5000,
@@ -367,6 +414,8 @@ mod tests {
             "ocserv_total_sessions 3",
             "ocserv_bytes_in_total 5000",
             "ocserv_auth_failures_total 2",
+            "ocserv_agent_config_writes_total{kind=\"user\",status=\"written\"} 1",
+            "ocserv_agent_local_policy_reloads_total{status=\"error\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

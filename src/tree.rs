@@ -6,14 +6,16 @@
 pub enum Child {
     OcservCtl,
     SessionRegistry,
+    ConfigWriter,
     MetricsServer,
     GrpcFrontDoor,
 }
 
 impl Child {
-    pub const ALL: [Child; 4] = [
+    pub const ALL: [Child; 5] = [
         Child::OcservCtl,
         Child::SessionRegistry,
+        Child::ConfigWriter,
         Child::MetricsServer,
         Child::GrpcFrontDoor,
     ];
@@ -28,6 +30,7 @@ impl Child {
         match self {
             Child::OcservCtl => OCSERV_CTL,
             Child::SessionRegistry => SESSION_REGISTRY,
+            Child::ConfigWriter => CONFIG_WRITER,
             Child::MetricsServer => METRICS_SERVER,
             Child::GrpcFrontDoor => GRPC_FRONT_DOOR,
         }
@@ -37,5 +40,6 @@ impl Child {
 pub const SUPERVISOR: &str = "supervisor";
 pub const OCSERV_CTL: &str = "ocserv_ctl";
 pub const SESSION_REGISTRY: &str = "session_registry";
+pub const CONFIG_WRITER: &str = "config_writer";
 pub const METRICS_SERVER: &str = "metrics_server";
 pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";

@@ -4,6 +4,7 @@
 //! `ActorRef`; [`call`] does the lookup, retries while the actor is being restarted, and bounds the
 //! whole call with a timeout.
 
+pub mod config_writer;
 pub mod grpc_front_door;
 pub mod metrics_server;
 pub mod ocserv_ctl;
@@ -22,10 +23,11 @@ use crate::gate::Gate;
 use crate::health::Health;
 use crate::messages::ServerMsg;
 use crate::metrics::Metrics;
+use crate::policy::local::LocalPolicy;
 use crate::serve::Endpoint;
 
 pub use crate::tree::{
-    Child, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY, SUPERVISOR,
+    Child, CONFIG_WRITER, GRPC_FRONT_DOOR, METRICS_SERVER, OCSERV_CTL, SESSION_REGISTRY, SUPERVISOR,
 };
 
 impl Child {
@@ -34,7 +36,7 @@ impl Child {
     /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
     /// actor is not running.
     pub fn strike(self, panic: bool) -> Option<ractor::ActorId> {
-        use crate::messages::{CtlMsg, RegistryMsg, ServerMsg};
+        use crate::messages::{CtlMsg, RegistryMsg, ServerMsg, WriterMsg};
         let cell = ractor::registry::where_is(self.name())?;
         if !panic {
             cell.kill();
@@ -42,6 +44,7 @@ impl Child {
             let delivered = match self {
                 Child::OcservCtl => cell.send_message(CtlMsg::Crash).is_ok(),
                 Child::SessionRegistry => cell.send_message(RegistryMsg::Crash).is_ok(),
+                Child::ConfigWriter => cell.send_message(WriterMsg::Crash).is_ok(),
                 Child::MetricsServer | Child::GrpcFrontDoor => {
                     cell.send_message(ServerMsg::Crash).is_ok()
                 }
@@ -75,6 +78,18 @@ pub struct Context {
     /// Cleared when a server could not drain its connections within the shutdown grace, so an
     /// ordered shutdown that cut calls short reports a failure.
     pub drained_in_time: AtomicBool,
+    /// The local policy in force (loaded at start from `local_policy.path`, replaced on SIGHUP)
+    /// and the one it replaced: kept here so a restarted `ConfigWriter` re-syncs its files.
+    local_policy: RwLock<LocalPolicies>,
+    /// One lock per config directory, held by each write: writes to one directory never
+    /// overlap, not even a write of a crashed `ConfigWriter` with one of its successor.
+    pub config_dir_locks: config_writer::DirLocks,
+}
+
+/// The local policy in force and the one it replaced (see [`Context::local_policy`]).
+struct LocalPolicies {
+    current: Arc<LocalPolicy>,
+    previous: Option<Arc<LocalPolicy>>,
 }
 
 impl Context {
@@ -102,7 +117,47 @@ impl Context {
             grpc_endpoints,
             metrics_endpoint,
             drained_in_time: AtomicBool::new(true),
+            local_policy: RwLock::new(LocalPolicies {
+                current: Arc::new(LocalPolicy::admit_all()),
+                previous: None,
+            }),
+            config_dir_locks: Default::default(),
         }
+    }
+
+    /// The context with `policy` as the local policy in force (at start; without this call it
+    /// is [`LocalPolicy::admit_all`], the meaning of "no policy file").
+    pub fn with_local_policy(self, policy: LocalPolicy) -> Self {
+        self.set_local_policy(Arc::new(policy));
+        self
+    }
+
+    /// The local policy in force.
+    pub fn local_policy(&self) -> Arc<LocalPolicy> {
+        self.local_policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .current
+            .clone()
+    }
+
+    /// The local policy the one in force replaced (on the last SIGHUP that changed it), if any.
+    pub fn previous_local_policy(&self) -> Option<Arc<LocalPolicy>> {
+        self.local_policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .previous
+            .clone()
+    }
+
+    /// Swaps in a new, validated local policy (on SIGHUP).
+    pub fn set_local_policy(&self, policy: Arc<LocalPolicy>) {
+        let mut p = self
+            .local_policy
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let old = std::mem::replace(&mut p.current, policy);
+        p.previous = Some(old);
     }
 
     /// The configuration in force (values that SIGHUP may change are read through here).

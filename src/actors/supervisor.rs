@@ -14,6 +14,7 @@ use std::time::Instant;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
 
+use crate::actors::config_writer::ConfigWriter;
 use crate::actors::grpc_front_door::GrpcFrontDoor;
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::ocserv_ctl::OcservCtl;
@@ -64,6 +65,7 @@ async fn spawn_child(
     match child {
         Child::OcservCtl => drop(Actor::spawn_linked(name, OcservCtl, c, sup).await?),
         Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
+        Child::ConfigWriter => drop(Actor::spawn_linked(name, ConfigWriter, c, sup).await?),
         Child::MetricsServer => drop(Actor::spawn_linked(name, MetricsServer, c, sup).await?),
         Child::GrpcFrontDoor => drop(Actor::spawn_linked(name, GrpcFrontDoor, c, sup).await?),
     }
