@@ -14,9 +14,9 @@ use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
 
 use crate::actors::supervisor::{ExitReason, Supervisor, SupervisorArgs};
-use crate::actors::{Context, Endpoints, SUPERVISOR};
+use crate::actors::{Context, Endpoints, CONFIG_WRITER, SUPERVISOR};
 use crate::config::{Changes, Config};
-use crate::messages::SupervisorMsg;
+use crate::messages::{SupervisorMsg, WriterMsg};
 use crate::metrics::Metrics;
 use crate::policy::local::LocalPolicy;
 use crate::serve::{Endpoint, Limits, Listener};
@@ -301,7 +301,58 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: Se
 /// invalid one is logged and the running one kept (`Err` with the reason). Of a valid one, the
 /// [`crate::config::LIVE_KEYS`] are applied at once and every other changed key keeps its running
 /// value and is named as needing a restart; the returned [`Changes`] says which is which.
+///
+/// Then, whatever became of the configuration, the local policy file is re-read
+/// ([`reload_local_policy`]); its outcome is logged and counted, not returned.
 pub async fn reload<L>(
+    ctx: &Context,
+    load: L,
+    set_log_level: &(dyn Fn(&str) -> Result<(), String> + Send),
+) -> Result<Changes, String>
+where
+    L: FnOnce() -> Result<crate::config::Loaded, crate::config::ConfigError> + Send + 'static,
+{
+    let result = reload_config(ctx, load, set_log_level).await;
+    let _ = reload_local_policy(ctx).await;
+    result
+}
+
+/// SIGHUP, second half: re-reads the local policy file named by the running configuration
+/// (`local_policy.path`, a live key; not set: everyone is admitted), off the async workers.
+/// A valid policy replaces the one in force and `ConfigWriter` is told to sync its per-user
+/// and per-group files; an invalid one is logged, the running policy kept, and `Err` says why.
+/// Either way `ocserv_agent_local_policy_reloads_total{status}` counts it.
+pub async fn reload_local_policy(ctx: &Context) -> Result<Arc<LocalPolicy>, String> {
+    let path = ctx.config().local_policy.path.clone();
+    let read = tokio::task::spawn_blocking(move || match path {
+        Some(p) => crate::policy::local::load(&p).map_err(|e| e.to_string()),
+        None => Ok(LocalPolicy::admit_all()),
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("reading the local policy: {e}")));
+    let policy = match read {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            ctx.metrics.local_policy_reload(false);
+            tracing::error!("SIGHUP: {e}; keeping the running local policy");
+            return Err(e);
+        }
+    };
+    ctx.metrics.local_policy_reload(true);
+    ctx.set_local_policy(policy.clone());
+    tracing::info!(
+        users = policy.users().len(),
+        groups = policy.groups().len(),
+        "SIGHUP: local policy reloaded"
+    );
+    // Not running (restarting): its next incarnation syncs the policy now in force.
+    if let Some(writer) = ractor::registry::where_is(CONFIG_WRITER) {
+        let _ = writer.send_message(WriterMsg::SyncLocalPolicy(policy.clone()));
+    }
+    Ok(policy)
+}
+
+async fn reload_config<L>(
     ctx: &Context,
     load: L,
     set_log_level: &(dyn Fn(&str) -> Result<(), String> + Send),
@@ -322,7 +373,6 @@ where
     };
     let old = ctx.config();
     let changes = crate::config::live_changes(&old, &new);
-    reload_local_policy(ctx, crate::config::with_live_keys(&old, &new)).await;
     if changes.applied.is_empty() && changes.need_restart.is_empty() {
         tracing::info!("SIGHUP: configuration unchanged");
         return Ok(changes);
@@ -339,26 +389,6 @@ where
         "SIGHUP: configuration reloaded"
     );
     Ok(changes)
-}
-
-/// Re-reads the local policy for the configuration about to be in force (its file may have
-/// changed even when the configuration has not); an invalid file keeps the policy in force, says
-/// why and is counted.
-async fn reload_local_policy(ctx: &Context, config: Config) {
-    match tokio::task::spawn_blocking(move || local_policy(&config)).await {
-        Ok(Ok(policy)) => {
-            ctx.set_local_policy(policy);
-            ctx.metrics.local_policy_reload(true);
-        }
-        Ok(Err(e)) => {
-            tracing::error!("SIGHUP: {e}; keeping the local policy in force");
-            ctx.metrics.local_policy_reload(false);
-        }
-        Err(e) => {
-            tracing::error!("SIGHUP: reading the local policy failed: {e}");
-            ctx.metrics.local_policy_reload(false);
-        }
-    }
 }
 
 #[cfg(test)]

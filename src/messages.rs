@@ -15,6 +15,9 @@ use ractor::RpcReplyPort;
 use crate::ocserv::{
     Ban, Cookie, CtlError, CtlResult, DisconnectOutcome, ServerStatus, Session, SessionKey,
 };
+use crate::peruser::write::{RemoveOutcome, WriteOutcome};
+use crate::peruser::{Kind, PerUserConfig};
+use crate::policy::local::LocalPolicy;
 use crate::tree::Child;
 
 /// To `OcservCtl`: one request to ocserv each. Every variant is answered, success or typed error.
@@ -267,6 +270,64 @@ pub enum PortalMsg {
     CallEnded {
         permit: crate::breaker::Permit,
         outcome: crate::breaker::Outcome,
+    },
+    Crash,
+}
+
+/// Why `ConfigWriter` did not apply a request: the kind and name of the file, the cause and
+/// the reason in words. Clone-able so one failure can answer every caller merged into a write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("per-{} file {name:?}: {reason}", match kind { Kind::User => "user", Kind::Group => "group" })]
+pub struct WriteFailure {
+    pub kind: Kind,
+    pub name: String,
+    pub cause: WriteFailureCause,
+    pub reason: String,
+}
+
+/// What kind of failure a [`WriteFailure`] is (callers map it to their own error codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFailureCause {
+    /// The name or the model was refused before anything was touched (unsafe name, invalid
+    /// route, too many values, ...): asking again with the same input fails the same way.
+    Refused,
+    /// Too many writes are queued for the directory; nothing was touched. Retry later.
+    Busy,
+    /// The file system failed (missing directory, permissions, disk full, ...); the file
+    /// holds its previous content.
+    Io,
+}
+
+/// To `ConfigWriter`: per-user and per-group files. Writes to one directory run one at a time,
+/// off the actor; every request with a reply port is answered, success or [`WriteFailure`].
+// `Apply` carries the model by value, as its senders build it; the other variants are rare,
+// so their unused space in a mailbox slot costs nothing that matters.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum WriterMsg {
+    /// Makes the file `name` of `kind` hold `model` (rendered, atomically, only when the content
+    /// changes). `reply: None` is fire-and-forget (the outcome is logged and counted).
+    Apply {
+        kind: Kind,
+        name: String,
+        model: PerUserConfig,
+        reply: Option<RpcReplyPort<Result<WriteOutcome, WriteFailure>>>,
+    },
+    /// Removes the file `name` of `kind` (kept as the newest backup).
+    Remove {
+        kind: Kind,
+        name: String,
+        reply: Option<RpcReplyPort<Result<RemoveOutcome, WriteFailure>>>,
+    },
+    /// Writes the per-user and per-group files of every admitted user and group of this local
+    /// policy that has routes, no-routes or DNS, and removes those of names that had some in
+    /// the policy synced before and have none now. Sent after each SIGHUP reload; a (re)started
+    /// writer syncs the policy in force on its own.
+    SyncLocalPolicy(Arc<LocalPolicy>),
+    /// A write task of the directory of `kind` finished (its callers are already answered):
+    /// the next queued job of that directory may start.
+    Done {
+        kind: Kind,
     },
     Crash,
 }

@@ -71,13 +71,17 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabel {
-    pub outcome: &'static str,
+pub struct MethodStatus {
+    pub method: &'static str,
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodStatus {
-    pub method: &'static str,
+pub struct KindStatus {
+    /// `user` or `group`.
+    pub kind: &'static str,
+    /// `written`, `unchanged`, `removed`, `error` (the file system failed) or `refused` (unsafe
+    /// name, invalid model or a full queue: nothing was touched).
     pub status: &'static str,
 }
 
@@ -89,6 +93,11 @@ pub struct MethodLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ServiceLabel {
     pub service: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: &'static str,
 }
 
 type FloatGauge = Gauge<f64, AtomicU64>;
@@ -127,10 +136,11 @@ pub struct Metrics {
     pub hook_requests_refused: Family<CauseLabel, Counter>,
     pub cache_requests: Family<ResultLabel, Counter>,
     pub cache_size: Gauge,
-    pub local_policy_reloads: Family<OutcomeLabel, Counter>,
     pub portal_requests: Family<MethodStatus, Counter>,
     pub portal_request_duration: Family<MethodLabel, Histogram, fn() -> Histogram>,
     pub circuit_breaker_state: Family<ServiceLabel, Gauge>,
+    pub config_writes: Family<KindStatus, Counter>,
+    pub local_policy_reloads: Family<StatusLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -229,12 +239,6 @@ impl Metrics {
             "Decisions held by the policy cache",
             cache_size.clone(),
         );
-        let local_policy_reloads = Family::<OutcomeLabel, Counter>::default();
-        agent.register(
-            "local_policy_reloads",
-            "Reloads of the local policy file on SIGHUP, by outcome (ok, error: old policy kept)",
-            local_policy_reloads.clone(),
-        );
         let build_info = Family::<VersionLabel, Gauge>::default();
         build_info
             .get_or_create(&VersionLabel {
@@ -264,6 +268,18 @@ impl Metrics {
             "circuit_breaker_state",
             "Circuit breaker in front of a portal service: 0 closed, 1 half-open, 2 open",
             circuit_breaker_state.clone(),
+        );
+        let config_writes = Family::<KindStatus, Counter>::default();
+        agent.register(
+            "config_writes",
+            "Per-user and per-group config file requests, by kind and outcome",
+            config_writes.clone(),
+        );
+        let local_policy_reloads = Family::<StatusLabel, Counter>::default();
+        agent.register(
+            "local_policy_reloads",
+            "Local policy file reloads on SIGHUP: ok, or error (the running policy is kept)",
+            local_policy_reloads.clone(),
         );
 
         let ocserv = root.sub_registry_with_prefix("ocserv");
@@ -325,10 +341,11 @@ impl Metrics {
             hook_requests_refused,
             cache_requests,
             cache_size,
-            local_policy_reloads,
             portal_requests,
             portal_request_duration,
             circuit_breaker_state,
+            config_writes,
+            local_policy_reloads,
         }
     }
 
@@ -361,13 +378,6 @@ impl Metrics {
     pub fn cache_request(&self, result: &'static str) {
         self.cache_requests
             .get_or_create(&ResultLabel { result })
-            .inc();
-    }
-
-    pub fn local_policy_reload(&self, ok: bool) {
-        let outcome = if ok { "ok" } else { "error" };
-        self.local_policy_reloads
-            .get_or_create(&OutcomeLabel { outcome })
             .inc();
     }
 
@@ -460,6 +470,21 @@ impl Metrics {
             .inc();
     }
 
+    /// Records one per-user or per-group file request (`kind`: `user`/`group`).
+    pub fn config_write(&self, kind: &'static str, status: &'static str) {
+        self.config_writes
+            .get_or_create(&KindStatus { kind, status })
+            .inc();
+    }
+
+    /// Records one reload of the local policy file (`ok` or `error`).
+    pub fn local_policy_reload(&self, ok: bool) {
+        let status = if ok { "ok" } else { "error" };
+        self.local_policy_reloads
+            .get_or_create(&StatusLabel { status })
+            .inc();
+    }
+
     pub fn grpc_request(&self, method: &'static str, code: tonic::Code) {
         self.grpc_requests
             .get_or_create(&GrpcLabels {
@@ -536,6 +561,8 @@ mod tests {
         m.observe_portal("CheckPolicy", "ok", Some(Duration::from_millis(3)));
         m.observe_portal("CheckPolicy", "breaker_open", None);
         m.set_breaker_state("auth", crate::breaker::BreakerState::Open);
+        m.config_write("user", "written");
+        m.local_policy_reload(false);
         m.set_ocserv_status(&ServerStatus {
             active_sessions: 3,
             bytes_in: 5000,
@@ -559,6 +586,8 @@ mod tests {
             "ocserv_agent_portal_requests_total{method=\"CheckPolicy\",status=\"breaker_open\"} 1",
             "ocserv_agent_portal_request_duration_seconds_count{method=\"CheckPolicy\"} 1",
             "ocserv_agent_circuit_breaker_state{service=\"auth\"} 2",
+            "ocserv_agent_config_writes_total{kind=\"user\",status=\"written\"} 1",
+            "ocserv_agent_local_policy_reloads_total{status=\"error\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -6,6 +6,7 @@
 pub enum Child {
     OcservCtl,
     SessionRegistry,
+    ConfigWriter,
     PortalLink,
     PolicyCache,
     MetricsServer,
@@ -14,9 +15,10 @@ pub enum Child {
 }
 
 impl Child {
-    pub const ALL: [Child; 7] = [
+    pub const ALL: [Child; 8] = [
         Child::OcservCtl,
         Child::SessionRegistry,
+        Child::ConfigWriter,
         Child::PortalLink,
         Child::PolicyCache,
         Child::MetricsServer,
@@ -34,6 +36,7 @@ impl Child {
         match self {
             Child::OcservCtl => OCSERV_CTL,
             Child::SessionRegistry => SESSION_REGISTRY,
+            Child::ConfigWriter => CONFIG_WRITER,
             Child::PortalLink => PORTAL_LINK,
             Child::MetricsServer => METRICS_SERVER,
             Child::GrpcFrontDoor => GRPC_FRONT_DOOR,
@@ -46,6 +49,7 @@ impl Child {
 pub const SUPERVISOR: &str = "supervisor";
 pub const OCSERV_CTL: &str = "ocserv_ctl";
 pub const SESSION_REGISTRY: &str = "session_registry";
+pub const CONFIG_WRITER: &str = "config_writer";
 pub const PORTAL_LINK: &str = "portal_link";
 pub const METRICS_SERVER: &str = "metrics_server";
 pub const GRPC_FRONT_DOOR: &str = "grpc_front_door";

@@ -199,7 +199,7 @@ async fn sighup_changes_the_next_decision_and_a_broken_file_keeps_the_old_policy
     assert_eq!(
         agent::metric(
             &text,
-            "ocserv_agent_local_policy_reloads_total{outcome=\"error\"}"
+            "ocserv_agent_local_policy_reloads_total{status=\"error\"}"
         ),
         Some(1.0),
         "{text}"

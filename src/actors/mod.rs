@@ -4,6 +4,7 @@
 //! `ActorRef`; [`call`] does the lookup, retries while the actor is being restarted, and bounds the
 //! whole call with a timeout.
 
+pub mod config_writer;
 pub mod grpc_front_door;
 pub mod hook_listener;
 pub mod metrics_server;
@@ -30,8 +31,8 @@ use crate::policy::local::LocalPolicy;
 use crate::serve::Endpoint;
 
 pub use crate::tree::{
-    Child, GRPC_FRONT_DOOR, HOOK_LISTENER, METRICS_SERVER, OCSERV_CTL, POLICY_CACHE, PORTAL_LINK,
-    SESSION_REGISTRY, SUPERVISOR,
+    Child, CONFIG_WRITER, GRPC_FRONT_DOOR, HOOK_LISTENER, METRICS_SERVER, OCSERV_CTL, POLICY_CACHE,
+    PORTAL_LINK, SESSION_REGISTRY, SUPERVISOR,
 };
 
 impl Child {
@@ -40,7 +41,7 @@ impl Child {
     /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
     /// actor is not running.
     pub fn strike(self, panic: bool) -> Option<ractor::ActorId> {
-        use crate::messages::{CtlMsg, PolicyMsg, PortalMsg, RegistryMsg, ServerMsg};
+        use crate::messages::{CtlMsg, PolicyMsg, PortalMsg, RegistryMsg, ServerMsg, WriterMsg};
         let cell = ractor::registry::where_is(self.name())?;
         if !panic {
             cell.kill();
@@ -48,6 +49,7 @@ impl Child {
             let delivered = match self {
                 Child::OcservCtl => cell.send_message(CtlMsg::Crash).is_ok(),
                 Child::SessionRegistry => cell.send_message(RegistryMsg::Crash).is_ok(),
+                Child::ConfigWriter => cell.send_message(WriterMsg::Crash).is_ok(),
                 Child::PolicyCache => cell.send_message(PolicyMsg::Crash).is_ok(),
                 Child::PortalLink => cell.send_message(PortalMsg::Crash).is_ok(),
                 Child::MetricsServer | Child::GrpcFrontDoor | Child::HookListener => {
@@ -93,15 +95,24 @@ pub struct Context {
     /// Cached connect decisions, outside the `PolicyCache` actor so they survive its restarts
     /// (not a process restart: nothing is stored on disk yet).
     policy_store: Mutex<PolicyStore>,
-    /// The local policy in force (`local_policy.path`, or "admit everyone" without a file);
-    /// replaced on SIGHUP.
-    local_policy: RwLock<Arc<LocalPolicy>>,
     /// What the portal link keeps across its restarts: the circuit breaker (an open breaker
     /// stays open) and the bound on portal calls in flight.
     pub portal: portal_link::PortalShared,
     /// Cleared when a server could not drain its connections within the shutdown grace, so an
     /// ordered shutdown that cut calls short reports a failure.
     pub drained_in_time: AtomicBool,
+    /// The local policy in force (loaded at start from `local_policy.path`, replaced on SIGHUP)
+    /// and the one it replaced: kept here so a restarted `ConfigWriter` re-syncs its files.
+    local_policy: RwLock<LocalPolicies>,
+    /// One lock per config directory, held by each write: writes to one directory never
+    /// overlap, not even a write of a crashed `ConfigWriter` with one of its successor.
+    pub config_dir_locks: config_writer::DirLocks,
+}
+
+/// The local policy in force and the one it replaced (see [`Context::local_policy`]).
+struct LocalPolicies {
+    current: Arc<LocalPolicy>,
+    previous: Option<Arc<LocalPolicy>>,
 }
 
 impl Context {
@@ -114,7 +125,6 @@ impl Context {
         let c = &config;
         Self {
             policy_store: Mutex::new(PolicyStore::new(c.policy.capacity)),
-            local_policy: RwLock::new(Arc::new(local_policy)),
             hook_endpoint: endpoints.hook,
             health: Arc::new(Health::new(c.ocserv.reconcile_interval)),
             ocserv_gate: Gate::new(c.ocserv.max_in_flight as u32, c.ocserv.max_queued),
@@ -133,7 +143,40 @@ impl Context {
             grpc_endpoints: endpoints.grpc,
             metrics_endpoint: endpoints.metrics,
             drained_in_time: AtomicBool::new(true),
+            local_policy: RwLock::new(LocalPolicies {
+                current: Arc::new(local_policy),
+                previous: None,
+            }),
+            config_dir_locks: Default::default(),
         }
+    }
+
+    /// The local policy in force.
+    pub fn local_policy(&self) -> Arc<LocalPolicy> {
+        self.local_policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .current
+            .clone()
+    }
+
+    /// The local policy the one in force replaced (on the last SIGHUP that changed it), if any.
+    pub fn previous_local_policy(&self) -> Option<Arc<LocalPolicy>> {
+        self.local_policy
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .previous
+            .clone()
+    }
+
+    /// Swaps in a new, validated local policy (on SIGHUP).
+    pub fn set_local_policy(&self, policy: Arc<LocalPolicy>) {
+        let mut p = self
+            .local_policy
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let old = std::mem::replace(&mut p.current, policy);
+        p.previous = Some(old);
     }
 
     /// The configuration in force (values that SIGHUP may change are read through here).
@@ -149,22 +192,6 @@ impl Context {
         self.policy_store
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// The local policy in force.
-    pub fn local_policy(&self) -> Arc<LocalPolicy> {
-        self.local_policy
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-
-    /// Swaps in a new local policy (after validation, on SIGHUP).
-    pub fn set_local_policy(&self, policy: LocalPolicy) {
-        *self
-            .local_policy
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(policy);
     }
 
     /// Swaps in a new configuration (after validation, on SIGHUP).

@@ -9,6 +9,8 @@
 //!   stale or expired entry asks the `PortalLink`. Concurrent misses for one key make one portal
 //!   call and all wait for it (single-flight). When the portal fails or its breaker is open, the
 //!   fail mode decides ([`crate::policy::without_portal`]): a stale entry only then.
+//! - A portal admission's routes and DNS become the user's per-user file (`ConfigWriter`), for
+//!   the user's next session.
 //! - A portal answer with `should_disconnect` disconnects the user's other live sessions (all
 //!   of them when the connect is denied), by full identity, in a task of its own.
 //!
@@ -21,9 +23,11 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::actors::{call, Context, OCSERV_CTL, PORTAL_LINK};
+use crate::actors::{call, config_writer, Context, CONFIG_WRITER, OCSERV_CTL, PORTAL_LINK};
 use crate::config::PolicySource;
-use crate::messages::{CtlMsg, PolicyMsg, PolicyQuery, PortalAnswer, PortalError, PortalMsg};
+use crate::messages::{
+    CtlMsg, PolicyMsg, PolicyQuery, PortalAnswer, PortalError, PortalMsg, WriterMsg,
+};
 use crate::policy::cache::{freshness, Entry, Freshness, InFlight, Join};
 use crate::policy::{Source, Verdict};
 
@@ -145,6 +149,7 @@ impl CacheState {
                 if answer.should_disconnect {
                     disconnect_others(self.ctx.clone(), query.clone(), answer.decision.allowed);
                 }
+                write_user_file(&query.username, &answer.decision);
                 Verdict {
                     decision: answer.decision,
                     source: Source::Fresh,
@@ -169,6 +174,33 @@ impl CacheState {
             let _ = w.send(verdict.clone());
         }
     }
+}
+
+/// The routes and DNS of a portal admission become the user's per-user file (ocserv reads it at
+/// the user's next session open: this connect's settings were read before the script ran); an
+/// answer without any removes a file an earlier answer left. Fire and forget: the writer logs
+/// and counts the outcome.
+fn write_user_file(username: &str, decision: &crate::policy::Decision) {
+    let Some(writer) = ractor::registry::where_is(CONFIG_WRITER) else {
+        return tracing::warn!(user = %username, "config writer not running; per-user file not updated");
+    };
+    let kind = crate::peruser::Kind::User;
+    let name = username.to_owned();
+    let msg = if config_writer::has_file(decision) {
+        WriterMsg::Apply {
+            kind,
+            name,
+            model: config_writer::model_of(decision),
+            reply: None,
+        }
+    } else {
+        WriterMsg::Remove {
+            kind,
+            name,
+            reply: None,
+        }
+    };
+    let _ = writer.send_message(msg);
 }
 
 /// The portal asked for the user's other sessions to go (`should_disconnect`): all live sessions

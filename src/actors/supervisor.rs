@@ -14,6 +14,7 @@ use std::time::Instant;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::watch;
 
+use crate::actors::config_writer::ConfigWriter;
 use crate::actors::grpc_front_door::GrpcFrontDoor;
 use crate::actors::hook_listener::HookListener;
 use crate::actors::metrics_server::MetricsServer;
@@ -68,6 +69,7 @@ async fn spawn_child(
         Child::OcservCtl => drop(Actor::spawn_linked(name, OcservCtl, c, sup).await?),
         Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
         Child::PortalLink => drop(Actor::spawn_linked(name, PortalLink, c, sup).await?),
+        Child::ConfigWriter => drop(Actor::spawn_linked(name, ConfigWriter, c, sup).await?),
         Child::MetricsServer => drop(Actor::spawn_linked(name, MetricsServer, c, sup).await?),
         Child::GrpcFrontDoor => drop(Actor::spawn_linked(name, GrpcFrontDoor, c, sup).await?),
         Child::PolicyCache => drop(Actor::spawn_linked(name, PolicyCache, c, sup).await?),
