@@ -595,7 +595,7 @@ fn policy_sections_env_overrides() {
         ("ocserv_agent__portal__breaker__open_for", "2s"),
         ("OCSERV_AGENT__CONFIG_WRITER__PER_USER_DIR", "/u"),
         ("OCSERV_AGENT__CONFIG_WRITER__PER_GROUP_DIR", "/g"),
-        ("OCSERV_AGENT__CONFIG_WRITER__BACKUPS", "100"),
+        ("OCSERV_AGENT__CONFIG_WRITER__BACKUPS", "64"),
     ]).unwrap();
     let c = &l.config;
     assert_eq!((c.hook.socket.to_str(), c.hook.allowed_uids.as_slice()), (Some("/run/x/hook.sock"), &[0, 997][..]));
@@ -608,7 +608,7 @@ fn policy_sections_env_overrides() {
     let b = &po.breaker;
     assert_eq!((b.consecutive_failures, b.failure_rate, b.min_calls, b.window, b.open_for), (2, Fraction(0.25), 3, secs(60), secs(2)));
     let w = &c.config_writer;
-    assert_eq!((w.per_user_dir.as_deref(), w.per_group_dir.as_deref(), w.backups), (Some(Path::new("/u")), Some(Path::new("/g")), 100));
+    assert_eq!((w.per_user_dir.as_deref(), w.per_group_dir.as_deref(), w.backups), (Some(Path::new("/u")), Some(Path::new("/g")), 64));
     assert!(!l.defaults_used.iter().any(|k| k.starts_with("portal.breaker.")), "{:?}", l.defaults_used);
     // An integer rate from the environment is a number too.
     let l = load_env(&[("OCSERV_AGENT__PORTAL__BREAKER__FAILURE_RATE", "1")]).unwrap();
@@ -671,7 +671,7 @@ fn policy_sections_errors_name_the_key() {
         ("[config_writer]\nper_user_dir = \"ocserv/users\"\n", "config_writer.per_user_dir", "absolute"),
         ("[config_writer]\nper_group_dir = \"groups\"\n", "config_writer.per_group_dir", "absolute"),
         ("[config_writer]\nper_user_dir = \"/d\"\nper_group_dir = \"/d\"\n", "config_writer.per_group_dir", "must differ from config_writer.per_user_dir"),
-        ("[config_writer]\nbackups = 101\n", "config_writer.backups", "between 0 and 100"),
+        ("[config_writer]\nbackups = 65\n", "config_writer.backups", "between 0 and 64"),
         ("[config_writer]\nbackups = -1\n", "config_writer.backups", "got integer -1"),
     ]);
     // Valid edges.

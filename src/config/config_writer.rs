@@ -11,8 +11,9 @@ section! {
         /// ocserv's `config-per-group` directory. Not set: no per-group file is written. An
         /// absolute path, not `per_user_dir`.
         per_group_dir: Option<PathBuf> = None,
-        /// Previous versions of a file kept beside it when it is rewritten; `0` keeps none.
-        backups: u32 = 3, in 0..=100,
+        /// Previous versions of a file kept (in the directory's `.backups/`) when it is
+        /// rewritten; `0` keeps none, at most 64 (`peruser::write::MAX_BACKUPS`).
+        backups: u32 = 3, in 0..=64,
     }
 }
 
