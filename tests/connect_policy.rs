@@ -5,69 +5,13 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
-
-use ocserv_agent::hook_proto::{self, HookResponse};
 use ocserv_agent::ocserv::BackendKind;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 use support::agent::{self, wait_for};
+use support::hook::{self, exchange, frame};
 use support::lab::{Lab, LabOptions, LabUser};
-
-/// The shipped wrapper copied into `dir` beside a link to the built hook program, as an
-/// operator installs them; returns the wrapper's path.
-fn install_hook(dir: &Path) -> PathBuf {
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let wrapper = bin.join("ocserv-agent-hook.sh");
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ocserv-agent-hook.sh"),
-        &wrapper,
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(
-        env!("CARGO_BIN_EXE_ocserv-agent-hook"),
-        bin.join("ocserv-agent-hook"),
-    )
-    .unwrap();
-    wrapper
-}
-
-/// A lab whose ocserv runs the hook for connects and disconnects, asking on `dir/hook.sock`.
-fn hooked_lab(users: &[LabUser]) -> Lab {
-    let dir = tempfile::Builder::new()
-        .prefix("oa-hook-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let wrapper = install_hook(&dir);
-    let socket = dir.join("hook.sock");
-    Lab::start(LabOptions {
-        users: users.to_vec(),
-        connect_script: Some(wrapper.clone()),
-        disconnect_script: Some(wrapper),
-        env: vec![
-            (
-                "OCSERV_AGENT_HOOK_SOCKET".into(),
-                socket.display().to_string(),
-            ),
-            ("OCSERV_AGENT_HOOK_TIMEOUT".into(), "3s".into()),
-        ],
-        ..Default::default()
-    })
-    .expect("lab starts")
-}
-
-/// The hook socket the lab's scripts ask on.
-fn hook_socket(lab: &Lab) -> PathBuf {
-    let (_, v) = lab
-        .env
-        .iter()
-        .find(|(k, _)| k == "OCSERV_AGENT_HOOK_SOCKET")
-        .expect("hooked lab");
-    PathBuf::from(v)
-}
 
 fn write_policy(lab: &Lab, text: &str) -> PathBuf {
     let p = lab.dir.join("policy.toml");
@@ -109,9 +53,9 @@ async fn local_policy_admits_and_denies_through_the_real_scripts() {
         LabUser::new("carol", "pw-carol").in_group("contractors"),
         LabUser::new("dave", "pw-dave"),
     ];
-    let lab = hooked_lab(&users);
+    let lab = hook::lab(&users);
     let mut cfg = agent::config_for(&lab, BackendKind::Native);
-    cfg.hook.socket = hook_socket(&lab);
+    cfg.hook.socket = hook::socket(&lab);
     cfg.local_policy.path = Some(write_policy(&lab, POLICY));
     let a = agent::start(cfg).await;
 
@@ -149,9 +93,9 @@ async fn local_policy_admits_and_denies_through_the_real_scripts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_the_next_decision_and_a_broken_file_keeps_the_old_policy() {
     let users = [LabUser::new("erin", "pw-erin")];
-    let lab = hooked_lab(&users);
+    let lab = hook::lab(&users);
     let mut cfg = agent::config_for(&lab, BackendKind::Native);
-    cfg.hook.socket = hook_socket(&lab);
+    cfg.hook.socket = hook::socket(&lab);
     let policy = write_policy(&lab, "default = \"allow\"\n");
     cfg.local_policy.path = Some(policy.clone());
     let a = agent::start(cfg.clone()).await;
@@ -210,7 +154,7 @@ async fn sighup_changes_the_next_decision_and_a_broken_file_keeps_the_old_policy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_agent_stopped_the_hook_applies_its_fail_mode_in_time() {
     let users = [LabUser::new("frank", "pw-frank")];
-    let lab = hooked_lab(&users);
+    let lab = hook::lab(&users);
     // No agent at all: the hook retries until its 3 s deadline, then denies.
     let started = Instant::now();
     assert!(lab.connect("frank", "pw-frank").is_err());
@@ -228,20 +172,6 @@ async fn with_the_agent_stopped_the_hook_applies_its_fail_mode_in_time() {
 // ---------------------------------------------------------------------------------------------
 // Hostile input on the hook socket.
 // ---------------------------------------------------------------------------------------------
-
-fn exchange(socket: &Path, bytes: &[u8]) -> Option<HookResponse> {
-    let mut s = UnixStream::connect(socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let _ = s.write_all(bytes);
-    let _ = s.shutdown(std::net::Shutdown::Write);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    (out.len() > 4).then(|| hook_proto::parse_response(&out[4..]).expect("a valid answer"))
-}
-
-fn frame(json: &str) -> Vec<u8> {
-    hook_proto::encode_frame(json.as_bytes()).unwrap()
-}
 
 fn refused(text: &str, cause: &str) -> f64 {
     agent::metric(

@@ -473,6 +473,7 @@ impl Lab {
             client_ns: self.client_ns.clone(),
             server_tun_ip: self.server_tun_ip(),
             log: log.clone(),
+            lab_dir: self.dir.clone(),
         };
 
         loop {
@@ -733,11 +734,14 @@ case "$reason" in
 connect)
     ip link set dev "$TUNDEV" up mtu "${{INTERNAL_IP4_MTU:-1300}}" || exit 1
     ip addr add "$INTERNAL_IP4_ADDRESS/32" peer "{peer}/32" dev "$TUNDEV" || exit 1
+    # What ocserv pushed (routes, DNS), for tests to read (Client::pushed).
+    env | grep -E '^(CISCO_SPLIT_|INTERNAL_IP4_DNS|INTERNAL_IP6_DNS)' > "{dir}/pushed-$TUNDEV" || true
     ;;
 esac
 exit 0
 "#,
-            peer = self.server_tun_ip()
+            peer = self.server_tun_ip(),
+            dir = self.dir.display()
         );
         fs::write(&self.client_script, script).wrap_err("writing the client script")?;
         fs::set_permissions(&self.client_script, fs::Permissions::from_mode(0o755))
@@ -884,9 +888,16 @@ pub struct Client {
     client_ns: String,
     server_tun_ip: Ipv4Addr,
     log: PathBuf,
+    lab_dir: PathBuf,
 }
 
 impl Client {
+    /// What ocserv pushed to this client (openconnect's script environment: `CISCO_SPLIT_INC_*`
+    /// routes, `INTERNAL_IP4_DNS`), as `NAME=value` lines.
+    pub fn pushed(&self) -> String {
+        fs::read_to_string(self.lab_dir.join(format!("pushed-{}", self.iface))).unwrap_or_default()
+    }
+
     pub fn is_alive(&self) -> bool {
         process_name(self.pid).is_some_and(|n| n == "openconnect") && pid_running(self.pid)
     }

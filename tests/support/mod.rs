@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod agent;
+pub mod hook;
 pub mod lab;
 pub mod portal;
 

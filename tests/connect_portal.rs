@@ -1,0 +1,291 @@
+//! Connect-time policy from the portal: a real ocserv running the shipped hook, real openconnect
+//! clients, the portal test double over mTLS; single-flight and fail modes at the hook socket;
+//! actor kills during a storm of hook requests. Needs root (network namespaces).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ocserv_agent::actors::Child;
+use ocserv_agent::config::{Config, PolicySource};
+use ocserv_agent::ocserv::BackendKind;
+use ocserv_agent::policy::{FailMode, Source};
+use support::agent::{self, wait_for};
+use support::hook::{self, exchange};
+use support::lab::{LabOptions, LabUser};
+use support::portal::PortalDouble;
+
+fn portal_config(lab: &support::lab::Lab, portal: &PortalDouble) -> Config {
+    let mut cfg = agent::config_for(lab, BackendKind::Native);
+    cfg.policy.source = PolicySource::Portal;
+    cfg.portal = portal.config();
+    cfg
+}
+
+/// Asks the hook socket as the hook program would, off the async workers.
+async fn ask(
+    socket: &std::path::Path,
+    user: &str,
+    id: u32,
+) -> ocserv_agent::hook_proto::HookResponse {
+    let socket = socket.to_path_buf();
+    let frame = hook::connect(user, "", id);
+    tokio::task::spawn_blocking(move || exchange(&socket, &frame))
+        .await
+        .unwrap()
+        .expect("an answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_admits_denies_and_its_routes_reach_the_next_session() {
+    let users = [
+        LabUser::new("alice", "pw-alice"),
+        LabUser::new("bob", "pw-bob"),
+    ];
+    let lab = hook::lab(&users);
+    let portal = PortalDouble::start_tls().await;
+    portal.answer(
+        "alice",
+        PortalDouble::allow(&["10.77.0.0/16"], &["10.77.0.53"]),
+    );
+    portal.answer("bob", PortalDouble::deny("bob owes the library a book"));
+    let mut cfg = portal_config(&lab, &portal);
+    cfg.hook.socket = hook::socket(&lab);
+    cfg.config_writer.per_user_dir = Some(lab.config_per_user_dir.clone());
+    let a = agent::start(cfg).await;
+
+    let first = lab
+        .connect("alice", "pw-alice")
+        .expect("the portal admits alice");
+    assert!(
+        lab.connect("bob", "pw-bob").is_err(),
+        "the portal denies bob"
+    );
+    let req = portal.last_request("alice").expect("alice was asked about");
+    assert_eq!(req.username, "alice");
+    assert!(
+        !req.session_id.is_empty() && req.session_id.parse::<u32>().is_ok(),
+        "{req:?}"
+    );
+    assert!(
+        !req.client_ip.is_empty() && !req.device.is_empty(),
+        "every field filled: {req:?}"
+    );
+    let text = a.metrics.encode();
+    let decided = |decision: &str| {
+        agent::metric(
+            &text,
+            &format!("ocserv_agent_hook_decisions_total{{reason=\"connect\",decision=\"{decision}\",source=\"fresh\"}}"),
+        )
+    };
+    assert_eq!(
+        (decided("allow"), decided("deny")),
+        (Some(1.0), Some(1.0)),
+        "{text}"
+    );
+
+    // The decision's routes and DNS become alice's per-user file, pushed at her next login.
+    let file = lab.config_per_user_dir.join("alice");
+    wait_for("alice's per-user file", Duration::from_secs(5), || {
+        let file = file.clone();
+        async move { file.exists().then_some(()) }
+    })
+    .await;
+    drop(first);
+    let second = lab
+        .connect("alice", "pw-alice")
+        .expect("admitted again (cached)");
+    let pushed = second.pushed();
+    assert!(
+        pushed.contains("10.77.0.0") && pushed.contains("10.77.0.53"),
+        "ocserv pushed the portal's route and DNS:\n{pushed}"
+    );
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_for_one_user_make_one_portal_call() {
+    let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
+    let portal = PortalDouble::start_plain().await;
+    portal.set_latency(Duration::from_millis(300));
+    let cfg = portal_config(&lab, &portal);
+    let socket = cfg.hook.socket.clone();
+    let a = agent::start(cfg).await;
+    let asks: Vec<_> = (0..50)
+        .map(|i| {
+            let socket = socket.clone();
+            tokio::spawn(async move { ask(&socket, "zoe", 100 + i).await })
+        })
+        .collect();
+    for ask in asks {
+        let answer = ask.await.unwrap();
+        assert!(answer.allowed, "{answer:?}");
+        assert_eq!(answer.source, Some(Source::Fresh));
+    }
+    assert_eq!(
+        portal.calls("zoe"),
+        1,
+        "one portal call for 50 concurrent misses"
+    );
+    // A hit now comes from the cache.
+    assert_eq!(ask(&socket, "zoe", 200).await.source, Some(Source::Cached));
+    assert_eq!(portal.calls("zoe"), 1);
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_down_each_fail_mode_does_what_it_says_in_time() {
+    let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
+    let portal = PortalDouble::start_plain().await;
+    let mut cfg = portal_config(&lab, &portal);
+    cfg.policy.allow_ttl = Duration::from_secs(1);
+    cfg.policy.fail_mode = FailMode::Stale;
+    cfg.portal.call_timeout = Duration::from_millis(300);
+    let socket = cfg.hook.socket.clone();
+    let a = agent::start(cfg.clone()).await;
+    assert!(
+        ask(&socket, "yann", 1).await.allowed,
+        "known before the outage"
+    );
+
+    // The portal hangs (slower than call_timeout): answers still come well before the hook's 3 s.
+    portal.set_latency(Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(1200)).await; // yann's entry is stale now
+    let started = Instant::now();
+    let stale = ask(&socket, "yann", 2).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (stale.allowed, stale.source),
+        (true, Some(Source::Stale)),
+        "{stale:?}"
+    );
+    let never_seen = ask(&socket, "xena", 3).await;
+    assert_eq!(
+        (never_seen.allowed, never_seen.source),
+        (false, Some(Source::FailClosed))
+    );
+
+    for (mode, allowed, source) in [
+        (FailMode::Open, true, Source::FailOpen),
+        (FailMode::Closed, false, Source::FailClosed),
+    ] {
+        let mut next = cfg.clone();
+        next.policy.fail_mode = mode;
+        ocserv_agent::app::reload(
+            &a.ctx,
+            move || {
+                Ok(ocserv_agent::config::Loaded {
+                    config: next,
+                    source: ocserv_agent::config::ConfigSource::EmbeddedDefaults,
+                    defaults_used: Vec::new(),
+                })
+            },
+            &|_| Ok(()),
+        )
+        .await
+        .unwrap();
+        let answer = ask(&socket, "xena", 4).await;
+        assert_eq!(
+            (answer.allowed, answer.source),
+            (allowed, Some(source)),
+            "{mode:?}: {answer:?}"
+        );
+    }
+    a.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_policy_actors_during_a_storm_never_costs_an_answer() {
+    let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
+    let portal = PortalDouble::start_plain().await;
+    portal.set_latency(Duration::from_millis(20));
+    for i in 0..20 {
+        let answer = if i % 4 == 0 {
+            PortalDouble::deny("no")
+        } else {
+            PortalDouble::allow(&[], &[])
+        };
+        portal.answer(&format!("u{i}"), answer);
+    }
+    let mut cfg = portal_config(&lab, &portal);
+    cfg.policy.fail_mode = FailMode::Stale;
+    let socket = cfg.hook.socket.clone();
+    let deadline = cfg.hook.request_timeout;
+    let a = agent::start(cfg).await;
+    // Warm the cache: every user's decision is known (and stays usable as stale).
+    for i in 0..20 {
+        ask(&socket, &format!("u{i}"), i).await;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let striker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let victims = [
+                Child::HookListener,
+                Child::PolicyCache,
+                Child::PortalLink,
+                Child::ConfigWriter,
+            ];
+            let mut n = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                victims[n % 4].strike(n % 2 == 0);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            n
+        })
+    };
+    let mut answers: HashMap<bool, usize> = HashMap::new();
+    let storm: Vec<_> = (0..400u32)
+        .map(|k| {
+            let socket = socket.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(u64::from(k) * 5)).await;
+                let user = format!("u{}", k % 20);
+                let started = Instant::now();
+                let frame = hook::connect(&user, "", 1000 + k);
+                // A client like the hook: retries while the socket is being re-created, within
+                // its own 3 s deadline.
+                let answer = tokio::task::spawn_blocking(move || loop {
+                    if let Some(a) = std::panic::catch_unwind(|| exchange(&socket, &frame))
+                        .ok()
+                        .flatten()
+                    {
+                        return Some(a);
+                    }
+                    if started.elapsed() > Duration::from_secs(3) {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                })
+                .await
+                .unwrap();
+                (k, answer, started.elapsed())
+            })
+        })
+        .collect();
+    for task in storm {
+        let (k, answer, took) = task.await.unwrap();
+        let answer = answer.unwrap_or_else(|| panic!("request {k} got no answer within 3 s"));
+        assert!(
+            took < deadline + Duration::from_secs(1),
+            "request {k} took {took:?}"
+        );
+        let expected = (k % 20) % 4 != 0;
+        assert_eq!(answer.allowed, expected, "request {k}: {answer:?}");
+        *answers.entry(answer.allowed).or_default() += 1;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let strikes = striker.await.unwrap();
+    assert!(strikes >= 20, "the actors were struck {strikes} times");
+    assert_eq!(answers.values().sum::<usize>(), 400);
+    // Cached entries survived the cache's restarts: the warm-up's decisions are still there.
+    assert!(a.ctx.policy_store().len() >= 20);
+    a.shutdown().await;
+}
