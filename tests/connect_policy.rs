@@ -5,6 +5,9 @@
 
 mod support;
 
+/// The hook program cargo built for this test.
+const HOOK: &str = env!("CARGO_BIN_EXE_ocserv-agent-hook");
+
 use ocserv_agent::ocserv::BackendKind;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -53,7 +56,7 @@ async fn local_policy_admits_and_denies_through_the_real_scripts() {
         LabUser::new("carol", "pw-carol").in_group("contractors"),
         LabUser::new("dave", "pw-dave"),
     ];
-    let lab = hook::lab(&users);
+    let lab = hook::lab(&users, HOOK);
     let mut cfg = agent::config_for(&lab, BackendKind::Native);
     cfg.hook.socket = hook::socket(&lab);
     cfg.local_policy.path = Some(write_policy(&lab, POLICY));
@@ -93,7 +96,7 @@ async fn local_policy_admits_and_denies_through_the_real_scripts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_the_next_decision_and_a_broken_file_keeps_the_old_policy() {
     let users = [LabUser::new("erin", "pw-erin")];
-    let lab = hook::lab(&users);
+    let lab = hook::lab(&users, HOOK);
     let mut cfg = agent::config_for(&lab, BackendKind::Native);
     cfg.hook.socket = hook::socket(&lab);
     let policy = write_policy(&lab, "default = \"allow\"\n");
@@ -154,7 +157,7 @@ async fn sighup_changes_the_next_decision_and_a_broken_file_keeps_the_old_policy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_agent_stopped_the_hook_applies_its_fail_mode_in_time() {
     let users = [LabUser::new("frank", "pw-frank")];
-    let lab = hook::lab(&users);
+    let lab = hook::lab(&users, HOOK);
     // No agent at all: the hook retries until its 3 s deadline, then denies.
     let started = Instant::now();
     assert!(lab.connect("frank", "pw-frank").is_err());

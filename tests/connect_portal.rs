@@ -4,6 +4,9 @@
 
 mod support;
 
+/// The hook program cargo built for this test.
+const HOOK: &str = env!("CARGO_BIN_EXE_ocserv-agent-hook");
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,7 +47,7 @@ async fn the_portal_admits_denies_and_its_routes_reach_the_next_session() {
         LabUser::new("alice", "pw-alice"),
         LabUser::new("bob", "pw-bob"),
     ];
-    let lab = hook::lab(&users);
+    let lab = hook::lab(&users, HOOK);
     let portal = PortalDouble::start_tls().await;
     portal.answer(
         "alice",

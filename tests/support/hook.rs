@@ -10,9 +10,9 @@ use ocserv_agent::hook_proto::{self, HookResponse};
 
 use super::lab::{Lab, LabOptions, LabUser};
 
-/// The shipped wrapper copied into `dir/bin` beside a link to the built hook program; returns
-/// the wrapper's path.
-pub fn install(dir: &Path) -> PathBuf {
+/// The shipped wrapper copied into `dir/bin` beside a link to the built hook program `built`
+/// (a test passes `env!("CARGO_BIN_EXE_ocserv-agent-hook")`); returns the wrapper's path.
+pub fn install(dir: &Path, built: &str) -> PathBuf {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     let wrapper = bin.join("ocserv-agent-hook.sh");
@@ -21,22 +21,19 @@ pub fn install(dir: &Path) -> PathBuf {
         &wrapper,
     )
     .unwrap();
-    // Set by cargo for integration tests (not for the examples that share this module).
-    let built = option_env!("CARGO_BIN_EXE_ocserv-agent-hook")
-        .expect("the hook program is built for integration tests");
     std::os::unix::fs::symlink(built, bin.join("ocserv-agent-hook")).unwrap();
     wrapper
 }
 
-/// A lab whose ocserv runs the hook for connects and disconnects, asking on a socket of its own
-/// ([`socket`]).
-pub fn lab(users: &[LabUser]) -> Lab {
+/// A lab whose ocserv runs the hook (`built`, see [`install`]) for connects and disconnects,
+/// asking on a socket of its own ([`socket`]).
+pub fn lab(users: &[LabUser], built: &str) -> Lab {
     let dir = tempfile::Builder::new()
         .prefix("oa-hook-")
         .tempdir()
         .unwrap()
         .keep();
-    let wrapper = install(&dir);
+    let wrapper = install(&dir, built);
     let socket = dir.join("hook.sock");
     Lab::start(LabOptions {
         users: users.to_vec(),
