@@ -66,6 +66,23 @@ pub enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Connect-time policy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// `ocserv-agent policy ...`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Print the decision a connect of USER would get now, its source, and the per-user file
+    /// that would be written; touches nothing (asks the portal when policy.source = "portal").
+    Test {
+        /// The username, as ocserv would pass it.
+        user: String,
+        /// The user's ocserv group, if any.
+        #[arg(long, short = 'g', default_value = "")]
+        group: String,
+    },
 }
 
 /// Where the CLI reaches the agent.
@@ -412,4 +429,113 @@ mod tests {
             e.message
         );
     }
+}
+
+/// `policy test`: the decision a connect of `user` in `group` would get now, from the configured
+/// source (the local policy file, or one call to the portal), its source, and the per-user file
+/// the agent would write. Nothing is cached, written or kicked. A portal that cannot be asked is
+/// reported with what the fail mode would answer a user not in the cache.
+pub async fn policy_test(
+    cfg: &crate::config::Config,
+    user: &str,
+    group: &str,
+) -> Result<String, CliError> {
+    use crate::config::PolicySource;
+    use crate::policy::{Decision, Source};
+    let invalid = |message: String| CliError {
+        code: crate::config::EXIT_CONFIG,
+        message,
+    };
+    let mut out = String::new();
+    let names = crate::validate::file_name("username", user).and(match group.is_empty() {
+        true => Ok(()),
+        false => crate::validate::file_name("groupname", group),
+    });
+    let (decision, source, note) = if let Err(e) = names {
+        (Decision::deny(e.to_string()), Source::LocalPolicy, None)
+    } else {
+        match cfg.policy.source {
+            PolicySource::Local => {
+                let policy = match &cfg.local_policy.path {
+                    Some(p) => crate::policy::local::load(p)
+                        .map_err(|e| invalid(format!("local_policy.path: {e}")))?,
+                    None => crate::policy::local::LocalPolicy::admit_all(),
+                };
+                (
+                    policy.decide(user, group),
+                    Source::LocalPolicy,
+                    Some(cfg.local_policy.describe()),
+                )
+            }
+            PolicySource::Portal => match ask_portal(cfg, user, group).await {
+                Ok(answer) => {
+                    let note = answer.should_disconnect.then(|| {
+                        "should_disconnect: the user's other sessions would be disconnected"
+                            .to_owned()
+                    });
+                    (answer.decision, Source::Fresh, note)
+                }
+                Err(e) => {
+                    let (d, s) = crate::policy::cache::on_portal_failure(
+                        cfg.policy.fail_mode,
+                        None,
+                        std::time::Instant::now(),
+                        &cfg.policy.lifetimes(),
+                    );
+                    (d, s, Some(format!("the portal could not be asked: {e}; answered from policy.fail_mode as for a user not in the cache")))
+                }
+            },
+        }
+    };
+    out.push_str(&format!("user: {user}\ngroup: {group}\n"));
+    out.push_str(&format!(
+        "decision: {}\nsource: {}\n",
+        decision.label(),
+        source.as_str()
+    ));
+    if let Some(r) = decision.reason.as_deref().filter(|_| !decision.allowed) {
+        out.push_str(&format!("reason: {r}\n"));
+    }
+    if let Some(n) = note {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    if crate::actors::config_writer::has_file(&decision) {
+        let model = crate::actors::config_writer::model_of(&decision);
+        let dir = match (cfg.policy.source, &cfg.config_writer.per_user_dir) {
+            (_, Some(d)) => d.join(user).display().to_string(),
+            (_, None) => "nowhere: config_writer.per_user_dir is not set".into(),
+        };
+        out.push_str(&format!(
+            "per-user file ({dir}):\n{}",
+            crate::peruser::render(&model)
+        ));
+    } else {
+        out.push_str("per-user file: none (no routes, no-routes or DNS)\n");
+    }
+    Ok(out)
+}
+
+async fn ask_portal(
+    cfg: &crate::config::Config,
+    user: &str,
+    group: &str,
+) -> Result<crate::messages::PortalAnswer, String> {
+    let client = crate::actors::portal_link::client(&cfg.portal).map_err(|e| e.to_string())?;
+    let Some(mut client) = client else {
+        return Err("portal.endpoint is not set".into());
+    };
+    let query = crate::messages::PolicyQuery {
+        username: user.to_owned(),
+        groupname: group.to_owned(),
+        client_ip: None,
+        vpn_ip: None,
+        session_id: 0,
+        device: String::new(),
+    };
+    let request = crate::actors::portal_link::request_of(&query, SystemTime::now());
+    let reply = tokio::time::timeout(cfg.portal.call_timeout, client.check_policy(request))
+        .await
+        .map_err(|_| "no answer within portal.call_timeout".to_owned())?
+        .map_err(|s| crate::actors::portal_link::error_of(s).to_string())?;
+    crate::actors::portal_link::answer_of(reply.into_inner()).map_err(|e| e.to_string())
 }

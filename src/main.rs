@@ -102,7 +102,22 @@ fn main() {
                 }
                 (config::PolicySource::Portal, None) => {}
             }
+            if c.portal.is_tls() {
+                if let Err(e) = ocserv_agent::actors::portal_link::tls_config(&c.portal) {
+                    eprintln!("ocserv-agent: {e}");
+                    std::process::exit(config::EXIT_CONFIG);
+                }
+                println!("# portal TLS files: readable and valid");
+            }
             0
+        }
+        Command::Policy(ocserv_agent::cli::PolicyCommand::Test { user, group }) => {
+            let loaded = load_or_exit(path);
+            finish(rt.block_on(ocserv_agent::cli::policy_test(
+                &loaded.config,
+                &user,
+                &group,
+            )))
         }
         Command::Sessions {
             user,

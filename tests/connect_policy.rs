@@ -293,3 +293,43 @@ async fn a_peer_uid_not_allowed_is_refused_and_counted() {
     assert!(refused(&a.metrics.encode(), "peer_uid") >= 1.0);
     a.shutdown().await;
 }
+
+#[test]
+fn policy_test_prints_the_decision_its_source_and_the_file_without_touching_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(&policy, POLICY).unwrap();
+    let per_user = dir.path().join("per-user");
+    std::fs::create_dir(&per_user).unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[local_policy]\npath = {:?}\n\n[config_writer]\nper_user_dir = {:?}\n",
+            policy.display().to_string(),
+            per_user.display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--config", config.to_str().unwrap(), "policy", "test"];
+        all.extend_from_slice(args);
+        let o = agent::agent_cmd(dir.path(), &all).output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let alice = run(&["alice"]);
+    assert!(alice.contains("decision: allow") && alice.contains("source: local_policy"), "{alice}");
+    assert!(alice.contains("route = 10.77.0.0/16"), "the file that would be written:\n{alice}");
+    let bob = run(&["bob"]);
+    assert!(bob.contains("decision: deny") && bob.contains("bob is suspended"), "{bob}");
+    let carol = run(&["carol", "--group", "contractors"]);
+    assert!(carol.contains("decision: deny") && carol.contains("contractors"), "{carol}");
+    let hostile = run(&["../etc"]);
+    assert!(hostile.contains("decision: deny") && hostile.contains("username"), "{hostile}");
+    assert_eq!(
+        std::fs::read_dir(&per_user).unwrap().count(),
+        0,
+        "nothing was written"
+    );
+}
