@@ -361,76 +361,6 @@ pub fn sessions_table(resp: &pb::GetActiveSessionsResponse, now: i64) -> String 
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn resp() -> pb::GetActiveSessionsResponse {
-        let mut s = pb::VpnSession {
-            session_id: "4242".into(),
-            username: "jürgen".into(),
-            client_ip: "192.0.2.10".into(),
-            vpn_ip: "10.10.0.2".into(),
-            connected_at: Some(prost_types::Timestamp {
-                seconds: 1000,
-                nanos: 0,
-            }),
-            bytes_in: 2048,
-            bytes_out: 10,
-            ..Default::default()
-        };
-        s.metadata.insert("groupname".into(), "staff".into());
-        s.metadata.insert("state".into(), "connected".into());
-        pb::GetActiveSessionsResponse {
-            sessions: vec![s],
-            total_count: 1,
-        }
-    }
-
-    #[test]
-    fn table_aligns_columns_and_humanizes() {
-        let t = sessions_table(&resp(), 1000 + 125);
-        let lines: Vec<_> = t.lines().collect();
-        assert_eq!(lines.len(), 3);
-        assert!(lines[0].starts_with("ID    USER    GROUP"));
-        assert!(lines[1].contains("jürgen  staff"), "{t}");
-        assert!(lines[1].contains("2m05s"));
-        assert!(lines[1].contains("2.0 KiB"));
-        assert!(lines[1].contains("10 B"));
-        assert_eq!(lines[2], "1 session(s)");
-    }
-
-    #[test]
-    fn json_has_stable_fields() {
-        let v: serde_json::Value = serde_json::from_str(&sessions_json(&resp())).unwrap();
-        assert_eq!(v["total_count"], 1);
-        assert_eq!(v["sessions"][0]["username"], "jürgen");
-        assert_eq!(v["sessions"][0]["groupname"], "staff");
-        assert_eq!(v["sessions"][0]["connected_at"], 1000);
-    }
-
-    #[tokio::test]
-    async fn unreachable_agent_is_a_clear_error() {
-        // A port that was just free: bind, note it, release it.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr = format!("http://127.0.0.1:{port}");
-        let e = sessions(&Target::Tcp(addr.clone()), None, false)
-            .await
-            .unwrap_err();
-        assert_eq!(e.code, EXIT_UNAVAILABLE);
-        assert!(
-            e.message
-                .contains(&format!("cannot reach the agent at {addr}")),
-            "{}",
-            e.message
-        );
-    }
-}
-
 /// `policy test`: the decision a connect of `user` in `group` would get now, from the configured
 /// source (the local policy file, or one call to the portal), its source, and the per-user file
 /// the agent would write. Nothing is cached, written or kicked. A portal that cannot be asked is
@@ -538,4 +468,74 @@ async fn ask_portal(
         .map_err(|_| "no answer within portal.call_timeout".to_owned())?
         .map_err(|s| crate::actors::portal_link::error_of(s).to_string())?;
     crate::actors::portal_link::answer_of(reply.into_inner()).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp() -> pb::GetActiveSessionsResponse {
+        let mut s = pb::VpnSession {
+            session_id: "4242".into(),
+            username: "jürgen".into(),
+            client_ip: "192.0.2.10".into(),
+            vpn_ip: "10.10.0.2".into(),
+            connected_at: Some(prost_types::Timestamp {
+                seconds: 1000,
+                nanos: 0,
+            }),
+            bytes_in: 2048,
+            bytes_out: 10,
+            ..Default::default()
+        };
+        s.metadata.insert("groupname".into(), "staff".into());
+        s.metadata.insert("state".into(), "connected".into());
+        pb::GetActiveSessionsResponse {
+            sessions: vec![s],
+            total_count: 1,
+        }
+    }
+
+    #[test]
+    fn table_aligns_columns_and_humanizes() {
+        let t = sessions_table(&resp(), 1000 + 125);
+        let lines: Vec<_> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("ID    USER    GROUP"));
+        assert!(lines[1].contains("jürgen  staff"), "{t}");
+        assert!(lines[1].contains("2m05s"));
+        assert!(lines[1].contains("2.0 KiB"));
+        assert!(lines[1].contains("10 B"));
+        assert_eq!(lines[2], "1 session(s)");
+    }
+
+    #[test]
+    fn json_has_stable_fields() {
+        let v: serde_json::Value = serde_json::from_str(&sessions_json(&resp())).unwrap();
+        assert_eq!(v["total_count"], 1);
+        assert_eq!(v["sessions"][0]["username"], "jürgen");
+        assert_eq!(v["sessions"][0]["groupname"], "staff");
+        assert_eq!(v["sessions"][0]["connected_at"], 1000);
+    }
+
+    #[tokio::test]
+    async fn unreachable_agent_is_a_clear_error() {
+        // A port that was just free: bind, note it, release it.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("http://127.0.0.1:{port}");
+        let e = sessions(&Target::Tcp(addr.clone()), None, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, EXIT_UNAVAILABLE);
+        assert!(
+            e.message
+                .contains(&format!("cannot reach the agent at {addr}")),
+            "{}",
+            e.message
+        );
+    }
 }

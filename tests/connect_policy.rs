@@ -315,18 +315,38 @@ fn policy_test_prints_the_decision_its_source_and_the_file_without_touching_anyt
         let mut all = vec!["--config", config.to_str().unwrap(), "policy", "test"];
         all.extend_from_slice(args);
         let o = agent::agent_cmd(dir.path(), &all).output().unwrap();
-        assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         String::from_utf8(o.stdout).unwrap()
     };
     let alice = run(&["alice"]);
-    assert!(alice.contains("decision: allow") && alice.contains("source: local_policy"), "{alice}");
-    assert!(alice.contains("route = 10.77.0.0/16"), "the file that would be written:\n{alice}");
+    assert!(
+        alice.contains("decision: allow") && alice.contains("source: local_policy"),
+        "{alice}"
+    );
+    assert!(
+        alice.contains("route = 10.77.0.0/16"),
+        "the file that would be written:\n{alice}"
+    );
     let bob = run(&["bob"]);
-    assert!(bob.contains("decision: deny") && bob.contains("bob is suspended"), "{bob}");
+    assert!(
+        bob.contains("decision: deny") && bob.contains("bob is suspended"),
+        "{bob}"
+    );
     let carol = run(&["carol", "--group", "contractors"]);
-    assert!(carol.contains("decision: deny") && carol.contains("contractors"), "{carol}");
+    assert!(
+        carol.contains("decision: deny") && carol.contains("contractors"),
+        "{carol}"
+    );
     let hostile = run(&["../etc"]);
-    assert!(hostile.contains("decision: deny") && hostile.contains("username"), "{hostile}");
+    assert!(
+        hostile.contains("decision: deny") && hostile.contains("username"),
+        "{hostile}"
+    );
     assert_eq!(
         std::fs::read_dir(&per_user).unwrap().count(),
         0,
