@@ -112,8 +112,9 @@ async fn the_portal_admits_denies_and_its_routes_reach_the_next_session() {
 async fn fifty_concurrent_requests_for_one_user_make_one_portal_call() {
     let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
     let portal = PortalDouble::start_plain().await;
-    // Slow enough that all 50 arrive while the first call is out, even on a loaded machine.
-    portal.set_latency(Duration::from_millis(1500));
+    // Slow enough that all 50 arrive while the first call is out (within portal.call_timeout,
+    // 1 s by default).
+    portal.set_latency(Duration::from_millis(700));
     let cfg = portal_config(&lab, &portal);
     let socket = cfg.hook.socket.clone();
     let a = agent::start(cfg).await;
