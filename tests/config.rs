@@ -188,7 +188,7 @@ fn full_valid_file() {
         stale_for = "0s"
         capacity = 10000000
         [local_policy]
-        path = "/etc/ocserv-agent/policy.toml"
+        path = "/srv/agent/policy.toml"
         [portal]
         endpoint = "https://portal.example.net:8443"
         ca_file = "/etc/a/ca.pem"
@@ -229,7 +229,7 @@ fn full_valid_file() {
     assert_eq!((h.socket.to_str(), h.allowed_uids.as_slice()), (Some("/run/h/hook.sock"), &[0, 996][..]));
     assert_eq!((h.max_connections, h.request_timeout), (65536, ms(2500)));
     assert_eq!((p.source, p.fail_mode, p.allow_ttl, p.deny_ttl, p.stale_for, p.capacity), (PolicySource::Portal, FailMode::Closed, secs(86_400), secs(1), secs(0), 10_000_000));
-    assert_eq!(c.local_policy.path.as_deref(), Some(Path::new("/etc/ocserv-agent/policy.toml")));
+    assert_eq!(c.local_policy.path.as_deref(), Some(Path::new("/srv/agent/policy.toml")));
     let po = &c.portal;
     assert_eq!((po.endpoint.as_deref(), po.is_tls(), po.server_name.as_deref()), (Some("https://portal.example.net:8443"), true, Some("10.0.0.1")));
     let files = [&po.ca_file, &po.cert_file, &po.key_file].map(|f| f.as_ref().and_then(|p| p.to_str()));

@@ -6,7 +6,7 @@
 //! writer during a burst of writes leaves every caller answered and every file complete.
 //!
 //! Hermetic: the configuration is the embedded defaults with every path in a fresh temporary
-//! directory; neither `/etc/ocserv-agent` nor `OCSERV_AGENT__*` variables are read.
+//! directory; neither the machine's configuration file nor `OCSERV_AGENT__*` variables are read.
 
 mod support;
 
