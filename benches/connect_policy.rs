@@ -105,7 +105,7 @@ const STORM_P99_TARGET: Duration = Duration::from_millis(100);
 struct Rig {
     agent: Option<ocserv_agent::app::Agent>,
     hook: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     _fake: FakeOcserv,
 }
 
@@ -151,7 +151,7 @@ impl Rig {
         Rig {
             agent: Some(agent),
             hook,
-            _dir: dir,
+            dir,
             _fake: fake,
         }
     }
@@ -174,6 +174,13 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+fn writes(text: &str, status: &str) -> f64 {
+    metric(
+        text,
+        &format!("ocserv_agent_config_writes_total{{kind=\"user\",status=\"{status}\"}}"),
+    )
 }
 
 fn portal_calls_metric(text: &str, status: &str) -> f64 {
@@ -202,7 +209,10 @@ async fn portal(tls: bool) -> PortalDouble {
 /// hook's socket and timeout.
 fn script_env(user: &str, id: u32, hook: &Path) -> Vec<(String, String)> {
     [
-        ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
         ("REASON", "connect"),
         ("USERNAME", user),
         ("GROUPNAME", "staff"),
@@ -218,8 +228,14 @@ fn script_env(user: &str, id: u32, hook: &Path) -> Vec<(String, String)> {
         ("USER_AGENT", "Open AnyConnect VPN Agent v9.12-unknown"),
         ("DEVICE_TYPE", "linux-64"),
         ("DEVICE_PLATFORM", "linux-64"),
-        ("OCSERV_ROUTES", "10.20.0.0/255.255.0.0 192.168.77.0/255.255.255.0"),
-        ("OCSERV_ROUTES4", "10.20.0.0/255.255.0.0 192.168.77.0/255.255.255.0"),
+        (
+            "OCSERV_ROUTES",
+            "10.20.0.0/255.255.0.0 192.168.77.0/255.255.255.0",
+        ),
+        (
+            "OCSERV_ROUTES4",
+            "10.20.0.0/255.255.0.0 192.168.77.0/255.255.255.0",
+        ),
         ("OCSERV_ROUTES6", ""),
         ("OCSERV_NO_ROUTES", ""),
         ("OCSERV_DNS", "10.20.0.53"),
@@ -264,9 +280,7 @@ async fn ask_async(socket: &Path, frame: &[u8]) -> Result<HookResponse, String> 
         let mut s = tokio::net::UnixStream::connect(socket)
             .await
             .map_err(|e| format!("connect: {e}"))?;
-        s.write_all(frame)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
+        s.write_all(frame).await.map_err(|e| format!("send: {e}"))?;
         let mut header = [0u8; hook_proto::HEADER_LEN];
         s.read_exact(&mut header)
             .await
@@ -568,7 +582,9 @@ fn latencies<'a>(logins: impl Iterator<Item = &'a Login>) -> Vec<Duration> {
 }
 
 fn first_error(o: &StormOutcome) -> Option<String> {
-    o.logins.iter().find_map(|l| l.result.as_ref().err().cloned())
+    o.logins
+        .iter()
+        .find_map(|l| l.result.as_ref().err().cloned())
 }
 
 fn storm(rt: &tokio::runtime::Runtime, schedule: &[(Duration, usize)]) {
@@ -613,14 +629,18 @@ fn storm(rt: &tokio::runtime::Runtime, schedule: &[(Duration, usize)]) {
     );
     let text = rig.metrics();
     println!(
-        "agent: cache requests hit {} miss {} stale {}; per-user file writes ok {}",
+        "agent: cache requests hit {} miss {} stale {}; per-user files written {} unchanged {} refused {} error {}; files in per_user_dir {}",
         metric(&text, "ocserv_agent_cache_requests_total{result=\"hit\"}"),
         metric(&text, "ocserv_agent_cache_requests_total{result=\"miss\"}"),
         metric(&text, "ocserv_agent_cache_requests_total{result=\"stale\"}"),
-        metric(
-            &text,
-            "ocserv_agent_config_writes_total{kind=\"user\",status=\"ok\"}"
-        ),
+        writes(&text, "written"),
+        writes(&text, "unchanged"),
+        writes(&text, "refused"),
+        writes(&text, "error"),
+        std::fs::read_dir(rig.dir.path().join("per-user")).map_or(0, |d| d
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("user"))
+            .count()),
     );
     rt.block_on(rig.stop());
     rt.block_on(portal.stop());
@@ -645,7 +665,10 @@ fn blackhole(rt: &tokio::runtime::Runtime, schedule: &[(Duration, usize)]) {
             for &u in chunk {
                 let hook = &rig.hook;
                 s.spawn(move || {
-                    let r = ask_blocking(hook, &connect_frame(&storm_user(u), 10_000 + u as u32, hook));
+                    let r = ask_blocking(
+                        hook,
+                        &connect_frame(&storm_user(u), 10_000 + u as u32, hook),
+                    );
                     assert!(r.allowed && source(&r) == "fresh", "warm-up: {r:?}");
                 });
             }
@@ -699,7 +722,10 @@ fn blackhole(rt: &tokio::runtime::Runtime, schedule: &[(Duration, usize)]) {
         breaker.consecutive_failures,
         fmt_d(breaker.open_for)
     );
-    println!("warm-up of {STORM_USERS} users, {BLACKHOLE_WARMUP_CONCURRENCY} at a time: {}", fmt_d(warm));
+    println!(
+        "warm-up of {STORM_USERS} users, {BLACKHOLE_WARMUP_CONCURRENCY} at a time: {}",
+        fmt_d(warm)
+    );
     common::print_header();
     let all = report("every login", &latencies(out.logins.iter()));
     if let Some((t_open, calls_at_open)) = open_at {
