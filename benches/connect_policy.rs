@@ -47,7 +47,7 @@
 //!    calls made while it was open or half-open (the probes).
 //!
 //! `cargo bench --bench connect_policy -- hit miss exec storm blackhole` picks parts (all by
-//! default). Bounded: fixed counts, a client timeout of 5 s per request, a storm budget of its span
+//! default); `-- storm-nowriter` runs a diagnostic storm without per-user file writes. Bounded: fixed counts, a client timeout of 5 s per request, a storm budget of its span
 //! plus 30 s, every wait with a deadline. Only loopback TCP and Unix sockets in temp dirs.
 
 #![forbid(unsafe_code)]
@@ -587,15 +587,27 @@ fn first_error(o: &StormOutcome) -> Option<String> {
         .find_map(|l| l.result.as_ref().err().cloned())
 }
 
-fn storm(rt: &tokio::runtime::Runtime, schedule: &[(Duration, usize)]) {
+/// `writer = false` (diagnostic): no `config_writer.per_user_dir`, so admissions write no file.
+fn storm(rt: &tokio::runtime::Runtime, schedule: &[(Duration, usize)], writer: bool) {
     let portal = rt.block_on(portal(false));
     portal.set_latency(PORTAL_LATENCY);
-    let rig = rt.block_on(Rig::start(PolicySource::Portal, Some(&portal), |_| {}));
+    let rig = rt.block_on(Rig::start(PolicySource::Portal, Some(&portal), |c| {
+        if !writer {
+            c.config_writer.per_user_dir = None;
+            c.config_writer.per_group_dir = None;
+        }
+    }));
     let out = run_storm(&rig.hook, schedule);
     let calls = portal.total_calls();
     println!(
-        "\n## Login storm: {STORM_LOGINS} logins of {STORM_USERS} users over {:?}, portal at {:?} (plaintext), open loop",
-        STORM_SPAN, PORTAL_LATENCY
+        "\n## Login storm: {STORM_LOGINS} logins of {STORM_USERS} users over {:?}, portal at {:?} (plaintext), open loop{}",
+        STORM_SPAN,
+        PORTAL_LATENCY,
+        if writer {
+            ""
+        } else {
+            " — diagnostic: no per_user_dir (no file writes)"
+        }
     );
     common::print_header();
     let all = report("every login", &latencies(out.logins.iter()));
@@ -852,7 +864,11 @@ fn main() {
     }
     let schedule = storm_schedule();
     if wanted("storm") {
-        storm(&rt, &schedule);
+        storm(&rt, &schedule, true);
+    }
+    // Diagnostic, only on request: the storm without per-user file writes.
+    if std::env::args().any(|a| a == "storm-nowriter") {
+        storm(&rt, &schedule, false);
     }
     if wanted("blackhole") {
         blackhole(&rt, &schedule);
