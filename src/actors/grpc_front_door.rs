@@ -16,11 +16,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
 use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 
-use crate::actors::{serve_on, server_drain, server_handle, Context, ServingState};
+use crate::actors::{serve_on, Context, Serves, ServingState};
 use crate::grpc::VpnAgent;
 use crate::grpc_edge::Edge;
 use crate::messages::ServerMsg;
@@ -81,17 +81,14 @@ fn routes(ctx: &Arc<Context>) -> Result<(Routes, HealthReporter), ActorProcessin
     Ok((routes, reporter))
 }
 
-impl Actor for GrpcFrontDoor {
-    type Msg = ServerMsg;
-    type State = ServingState;
-    type Arguments = Arc<Context>;
+impl Serves for GrpcFrontDoor {
+    const NAME: &'static str = super::GRPC_FRONT_DOOR;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        ctx: Arc<Context>,
-    ) -> Result<Self::State, ActorProcessingErr> {
-        let (routes, reporter) = routes(&ctx)?;
+    fn start(
+        myself: &ActorRef<ServerMsg>,
+        ctx: &Arc<Context>,
+    ) -> Result<ServingState, ActorProcessingErr> {
+        let (routes, reporter) = routes(ctx)?;
         let follower = Box::pin(follow_readiness(ctx.clone(), reporter));
         let g = &ctx.config().grpc;
         let http = Http {
@@ -103,29 +100,11 @@ impl Actor for GrpcFrontDoor {
             },
         };
         Ok(serve_on(
-            &myself,
-            &ctx,
+            myself,
+            ctx,
             ctx.grpc_endpoints.clone(),
             http,
             vec![("health_status", follower)],
         ))
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        server_handle(super::GRPC_FRONT_DOOR, msg, state)
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        server_drain(super::GRPC_FRONT_DOOR, state).await;
-        Ok(())
     }
 }

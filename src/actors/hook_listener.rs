@@ -26,11 +26,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::actors::{call, serve_on, server_drain, server_handle, Context, ServingState};
+use crate::actors::{call, serve_on, Context, Serves, ServingState};
 use crate::hook_proto::{self, HookRequest, HookResponse, Reason, HEADER_LEN};
 use crate::messages::{HookEvent, PolicyMsg, PolicyQuery, RegistryMsg, ServerMsg, Verdict};
 use crate::serve::{Handler, Io, Limits, Peer};
@@ -253,41 +253,20 @@ fn unsafe_names(request: &HookRequest) -> Option<Verdict> {
     })
 }
 
-impl Actor for HookListener {
-    type Msg = ServerMsg;
-    type State = ServingState;
-    type Arguments = Arc<Context>;
+impl Serves for HookListener {
+    const NAME: &'static str = super::HOOK_LISTENER;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        ctx: Arc<Context>,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    fn start(
+        myself: &ActorRef<ServerMsg>,
+        ctx: &Arc<Context>,
+    ) -> Result<ServingState, ActorProcessingErr> {
         let handler = HookHandler { ctx: ctx.clone() };
         Ok(serve_on(
-            &myself,
-            &ctx,
+            myself,
+            ctx,
             vec![ctx.hook_endpoint.clone()],
             handler,
             Vec::new(),
         ))
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        server_handle(super::HOOK_LISTENER, msg, state)
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        server_drain(super::HOOK_LISTENER, state).await;
-        Ok(())
     }
 }

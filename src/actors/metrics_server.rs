@@ -17,9 +17,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{ActorProcessingErr, ActorRef};
 
-use crate::actors::{serve_on, server_drain, server_handle, Context, ServingState};
+use crate::actors::{serve_on, Context, Serves, ServingState};
 use crate::messages::ServerMsg;
 use crate::serve::{Http, Protocol};
 
@@ -62,44 +62,23 @@ pub fn router(ctx: Arc<Context>) -> Router {
         .with_state(ctx)
 }
 
-impl Actor for MetricsServer {
-    type Msg = ServerMsg;
-    type State = ServingState;
-    type Arguments = Arc<Context>;
+impl Serves for MetricsServer {
+    const NAME: &'static str = super::METRICS_SERVER;
 
-    async fn pre_start(
-        &self,
-        myself: ActorRef<Self::Msg>,
-        ctx: Arc<Context>,
-    ) -> Result<Self::State, ActorProcessingErr> {
+    fn start(
+        myself: &ActorRef<ServerMsg>,
+        ctx: &Arc<Context>,
+    ) -> Result<ServingState, ActorProcessingErr> {
         let http = Http {
             service: router(ctx.clone()),
             protocol: Protocol::Http1,
         };
         Ok(serve_on(
-            &myself,
-            &ctx,
+            myself,
+            ctx,
             vec![ctx.metrics_endpoint.clone()],
             http,
             Vec::new(),
         ))
-    }
-
-    async fn handle(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        msg: Self::Msg,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        server_handle(super::METRICS_SERVER, msg, state)
-    }
-
-    async fn post_stop(
-        &self,
-        _myself: ActorRef<Self::Msg>,
-        state: &mut Self::State,
-    ) -> Result<(), ActorProcessingErr> {
-        server_drain(super::METRICS_SERVER, state).await;
-        Ok(())
     }
 }

@@ -239,6 +239,61 @@ where
     }
 }
 
+/// What makes one server actor differ from another: its registered name and what it serves.
+/// The actor itself, [`ServerActor`], is written once.
+pub trait Serves: Send + Sync + 'static {
+    /// The registered name (one of [`crate::tree`]'s).
+    const NAME: &'static str;
+
+    /// Starts serving (in `pre_start`): builds the connection handler and calls [`serve_on`].
+    fn start(
+        myself: &ActorRef<ServerMsg>,
+        ctx: &Arc<Context>,
+    ) -> Result<ServingState, ActorProcessingErr>;
+}
+
+/// The one server actor: serves what `S` says; fails when a serving task ends (so it is
+/// restarted), panics on `Crash`, drains its endpoints when stopped.
+pub struct ServerActor<S>(std::marker::PhantomData<fn() -> S>);
+
+impl<S> Default for ServerActor<S> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<S: Serves> ractor::Actor for ServerActor<S> {
+    type Msg = ServerMsg;
+    type State = ServingState;
+    type Arguments = Arc<Context>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        ctx: Arc<Context>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        S::start(&myself, &ctx)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        server_handle(S::NAME, msg, state)
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        server_drain(S::NAME, state).await;
+        Ok(())
+    }
+}
+
 /// The state of a server actor: its serving tasks (aborted when the actor dies, while the
 /// connections they accepted go on) and the endpoints they serve.
 pub struct ServingState {
@@ -299,7 +354,7 @@ pub fn serve_on<H: crate::serve::Handler>(
 }
 
 /// The message handler every server actor shares.
-pub fn server_handle(
+fn server_handle(
     actor: &'static str,
     msg: ServerMsg,
     state: &ServingState,
@@ -318,7 +373,7 @@ pub fn server_handle(
 }
 
 /// Orderly stop of a server actor: drain its endpoints within the shutdown grace.
-pub async fn server_drain(actor: &'static str, state: &ServingState) {
+async fn server_drain(actor: &'static str, state: &ServingState) {
     let grace = state.ctx.config().supervisor.shutdown_grace;
     for ep in &state.endpoints {
         if !ep.drain(grace).await {

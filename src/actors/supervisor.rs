@@ -22,7 +22,7 @@ use crate::actors::ocserv_ctl::OcservCtl;
 use crate::actors::policy_cache::PolicyCache;
 use crate::actors::portal_link::PortalLink;
 use crate::actors::session_registry::SessionRegistry;
-use crate::actors::{Child, Context};
+use crate::actors::{Child, Context, ServerActor};
 use crate::messages::SupervisorMsg;
 use crate::restart::{Decision, RestartPolicy};
 
@@ -70,10 +70,16 @@ async fn spawn_child(
         Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
         Child::PortalLink => drop(Actor::spawn_linked(name, PortalLink, c, sup).await?),
         Child::ConfigWriter => drop(Actor::spawn_linked(name, ConfigWriter, c, sup).await?),
-        Child::MetricsServer => drop(Actor::spawn_linked(name, MetricsServer, c, sup).await?),
-        Child::GrpcFrontDoor => drop(Actor::spawn_linked(name, GrpcFrontDoor, c, sup).await?),
+        Child::MetricsServer => {
+            drop(Actor::spawn_linked(name, ServerActor::<MetricsServer>::default(), c, sup).await?)
+        }
+        Child::GrpcFrontDoor => {
+            drop(Actor::spawn_linked(name, ServerActor::<GrpcFrontDoor>::default(), c, sup).await?)
+        }
         Child::PolicyCache => drop(Actor::spawn_linked(name, PolicyCache, c, sup).await?),
-        Child::HookListener => drop(Actor::spawn_linked(name, HookListener, c, sup).await?),
+        Child::HookListener => {
+            drop(Actor::spawn_linked(name, ServerActor::<HookListener>::default(), c, sup).await?)
+        }
     }
     Ok(())
 }
