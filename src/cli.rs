@@ -431,9 +431,9 @@ pub async fn policy_test(
     }
     if crate::actors::config_writer::has_file(&decision) {
         let model = crate::actors::config_writer::model_of(&decision);
-        let dir = match (cfg.policy.source, &cfg.config_writer.per_user_dir) {
-            (_, Some(d)) => d.join(user).display().to_string(),
-            (_, None) => "nowhere: config_writer.per_user_dir is not set".into(),
+        let dir = match &cfg.config_writer.per_user_dir {
+            Some(d) => d.join(user).display().to_string(),
+            None => "nowhere: config_writer.per_user_dir is not set".into(),
         };
         out.push_str(&format!(
             "per-user file ({dir}):\n{}",

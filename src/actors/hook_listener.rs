@@ -217,25 +217,9 @@ async fn decide(ctx: &Arc<Context>, request: &HookRequest, deadline: Instant) ->
         Err(e) => {
             tracing::warn!(error = %e, user = %request.username,
                 "the policy cache did not answer in time; answering from the fail mode");
-            without_cache(ctx, &query)
+            super::policy_cache::without_portal(ctx, &query)
         }
     }
-}
-
-/// What the fail mode promises, from the shared store and local policy (the cache's own rule).
-fn without_cache(ctx: &Context, query: &PolicyQuery) -> Verdict {
-    let cfg = ctx.config();
-    let local = ctx.local_policy();
-    let store = ctx.policy_store();
-    crate::policy::without_portal(
-        cfg.policy.source,
-        cfg.policy.fail_mode,
-        &cfg.policy.lifetimes(),
-        &local,
-        store.peek(&query.username, &query.groupname),
-        (&query.username, &query.groupname),
-        Instant::now(),
-    )
 }
 
 /// Names that would reach a path in ocserv's config-per-user/-group directories are denied

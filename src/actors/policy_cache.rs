@@ -158,22 +158,31 @@ impl CacheState {
             Err(e) => {
                 tracing::warn!(user = %query.username, error = %e,
                     fail_mode = ?cfg.policy.fail_mode, "portal decision unavailable");
-                let store = self.ctx.policy_store();
-                crate::policy::without_portal(
-                    PolicySource::Portal,
-                    cfg.policy.fail_mode,
-                    &cfg.policy.lifetimes(),
-                    &self.ctx.local_policy(),
-                    store.peek(&query.username, &query.groupname),
-                    (&query.username, &query.groupname),
-                    now,
-                )
+                without_portal(&self.ctx, &query)
             }
         };
         for w in waiters {
             let _ = w.send(verdict.clone());
         }
     }
+}
+
+/// The verdict without asking the portal, from what the context holds: the local policy, or
+/// the fail mode over the cached entry ([`crate::policy::without_portal`]). Used when the portal
+/// fails, and by the hook listener when this actor cannot answer in time.
+pub fn without_portal(ctx: &Context, query: &PolicyQuery) -> Verdict {
+    let cfg = ctx.config();
+    let local = ctx.local_policy();
+    let store = ctx.policy_store();
+    crate::policy::without_portal(
+        cfg.policy.source,
+        cfg.policy.fail_mode,
+        &cfg.policy.lifetimes(),
+        &local,
+        store.peek(&query.username, &query.groupname),
+        (&query.username, &query.groupname),
+        Instant::now(),
+    )
 }
 
 /// The routes and DNS of a portal admission become the user's per-user file (ocserv reads it at
