@@ -159,8 +159,6 @@ pub enum PolicyMsg {
         ticket: crate::policy::cache::Ticket,
         result: Result<PortalAnswer, PortalError>,
     },
-    /// Forget every cached decision of exactly this user.
-    InvalidateUser(String),
     Crash,
 }
 

@@ -273,18 +273,6 @@ impl Actor for PolicyCache {
                 ticket,
                 result,
             } => state.fetched(query, ticket, result),
-            PolicyMsg::InvalidateUser(user) => {
-                let (n, size) = {
-                    let mut store = state.ctx.policy_store();
-                    (store.invalidate_user(&user), store.len())
-                };
-                state
-                    .ctx
-                    .metrics
-                    .cache_size
-                    .set(i64::try_from(size).unwrap_or(i64::MAX));
-                tracing::info!(user = %user, entries = n, "cached decisions invalidated");
-            }
             PolicyMsg::Crash => panic!("chaos: crash requested for {}", super::POLICY_CACHE),
         }
         Ok(())
