@@ -8,12 +8,15 @@ use clap::{Parser, Subcommand};
 use tonic::transport::Channel;
 
 use crate::proto::agent::v1 as pb;
+use crate::proto::agent::v1::agent_service_client::AgentServiceClient;
 use crate::proto::agent::v1::vpn_agent_service_client::VpnAgentServiceClient;
 
 /// Exit code when the agent cannot be reached (EX_UNAVAILABLE).
 pub const EXIT_UNAVAILABLE: i32 = 69;
 /// Exit code when the agent refused the request (bad argument, unknown user).
 pub const EXIT_REFUSED: i32 = 1;
+/// Exit code of `health` when the agent answered unhealthy.
+pub const EXIT_UNHEALTHY: i32 = 1;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -69,6 +72,15 @@ pub enum Command {
     /// Connect-time policy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Ask the running agent's HealthCheck; exit 0 when healthy, 1 when not.
+    Health {
+        /// 1: the agent's actors are running; 2: and ocserv is reachable; 3: and the portal's
+        /// circuit breaker is closed (or no portal is configured).
+        #[arg(long, default_value_t = 3)]
+        tier: i32,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
 }
 
 /// `ocserv-agent policy ...`
@@ -217,6 +229,30 @@ pub async fn sessions(
     } else {
         sessions_table(&resp, now_unix())
     })
+}
+
+/// `ocserv-agent health`: one line per check, then the verdict; an unhealthy agent is an error
+/// (exit 1) whose message is the verdict.
+pub async fn health(target: &Target, tier: i32) -> Result<String, CliError> {
+    let channel = connect_channel(target).await?;
+    let resp = AgentServiceClient::new(channel)
+        .health_check(pb::HealthCheckRequest { tier })
+        .await
+        .map_err(|s| status_error(target, s))?
+        .into_inner();
+    let mut checks: Vec<_> = resp.checks.iter().collect();
+    checks.sort();
+    let mut out: String = checks.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+    if resp.healthy {
+        out.push_str(&format!("tier {tier}: {}\n", resp.status_message));
+        Ok(out)
+    } else {
+        eprint!("{out}");
+        Err(CliError {
+            code: EXIT_UNHEALTHY,
+            message: format!("tier {tier}: unhealthy: {}", resp.status_message),
+        })
+    }
 }
 
 /// `ocserv-agent disconnect`.

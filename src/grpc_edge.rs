@@ -3,7 +3,8 @@
 //! In order:
 //! 1. A connection whose peer uid is not allowed ([`crate::serve::Peer::allowed`]) gets
 //!    `PERMISSION_DENIED` for every request.
-//! 2. Unary calls (`agent.v1.VPNAgentService/*`, `grpc.health.v1.Health/Check`) must deliver their
+//! 2. Unary calls (`agent.v1.VPNAgentService/*`, `grpc.health.v1.Health/Check`,
+//!    `agent.v1.AgentService/HealthCheck`) must deliver their
 //!    whole request within `grpc.read_timeout` and at most [`MAX_REQUEST_BYTES`]; a stream that
 //!    opens and never sends is answered `DEADLINE_EXCEEDED` and holds nothing meanwhile.
 //! 3. `agent.v1.VPNAgentService` calls then take a slot of the shared gate
@@ -142,6 +143,7 @@ pub fn method_label(path: &str) -> &'static str {
 
 const AGENT_SERVICE: &str = "/agent.v1.VPNAgentService/";
 const HEALTH_CHECK: &str = "/grpc.health.v1.Health/Check";
+const AGENT_HEALTH_CHECK: &str = "/agent.v1.AgentService/HealthCheck";
 
 #[derive(Clone)]
 pub struct Edge<S> {
@@ -223,7 +225,8 @@ where
             )));
         }
     }
-    let unary = path.starts_with(AGENT_SERVICE) || path == HEALTH_CHECK;
+    let unary =
+        path.starts_with(AGENT_SERVICE) || path == HEALTH_CHECK || path == AGENT_HEALTH_CHECK;
     if !unary {
         let Ok(resp) = inner.call(req.map(tonic::body::Body::new)).await;
         return resp;

@@ -13,6 +13,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::breaker::BreakerState;
+
 /// How many reconcile intervals without a successful exchange make the agent unready and its
 /// session view stale.
 pub const STALE_AFTER: u32 = 3;
@@ -154,6 +156,115 @@ impl Health {
     }
 }
 
+/// The tiers of `agent.v1.AgentService/HealthCheck` (`contract.md` §1); each includes the ones
+/// below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Tier {
+    /// The process answers and every actor of the tree is running.
+    Liveness = 1,
+    /// And ocserv is reachable: the readiness rule ([`verdict`]) holds.
+    Ocserv = 2,
+    /// And the portal the decisions depend on is usable (its circuit breaker is closed).
+    EndToEnd = 3,
+}
+
+impl Tier {
+    /// The tier a request asks for; any other value is refused with the reason.
+    pub fn from_request(tier: i32) -> Result<Tier, String> {
+        match tier {
+            1 => Ok(Tier::Liveness),
+            2 => Ok(Tier::Ocserv),
+            3 => Ok(Tier::EndToEnd),
+            other => Err(format!(
+                "must be 1 (liveness), 2 (ocserv reachable) or 3 (end-to-end incl. portal), not {other}"
+            )),
+        }
+    }
+}
+
+/// What the deepest tier knows about the portal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalView {
+    /// `portal.endpoint` is set.
+    pub configured: bool,
+    pub breaker: BreakerState,
+    /// How long ago the last call ended, and its status label (`ok`, `timeout`, ...).
+    pub last_call: Option<(Duration, &'static str)>,
+}
+
+/// The answer of a health check: a verdict, one line saying why, and the detail of each check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub healthy: bool,
+    pub message: String,
+    pub checks: std::collections::BTreeMap<String, String>,
+}
+
+/// The health rule: `missing` are the actors of the tree not running now, `ready` the readiness
+/// verdict, `portal` the portal's state. A check below the tier asked for is neither run nor
+/// reported.
+pub fn report(
+    tier: Tier,
+    missing: &[&str],
+    ready: Result<(), NotReady>,
+    portal: &PortalView,
+) -> Report {
+    let mut checks = std::collections::BTreeMap::new();
+    let mut failed = Vec::new();
+    let mut check = |name: &str, result: Result<String, String>| {
+        let text = match result {
+            Ok(t) => t,
+            Err(t) => {
+                failed.push(format!("{name}: {t}"));
+                t
+            }
+        };
+        checks.insert(name.to_string(), text);
+    };
+    check(
+        "actors",
+        match missing {
+            [] => Ok("all running".to_string()),
+            m => Err(format!("not running: {}", m.join(", "))),
+        },
+    );
+    if tier >= Tier::Ocserv {
+        check(
+            "ocserv",
+            ready.map(|()| "ok".to_string()).map_err(|e| e.to_string()),
+        );
+    }
+    if tier >= Tier::EndToEnd {
+        check("portal", portal_check(portal));
+    }
+    let healthy = failed.is_empty();
+    Report {
+        healthy,
+        message: if healthy {
+            "healthy".to_string()
+        } else {
+            failed.join("; ")
+        },
+        checks,
+    }
+}
+
+fn portal_check(p: &PortalView) -> Result<String, String> {
+    if !p.configured {
+        // Config validation refuses `policy.source = "portal"` without an endpoint.
+        return Ok("not configured (connect decisions come from the local policy)".to_string());
+    }
+    let last = match p.last_call {
+        None => "no call yet".to_string(),
+        Some((ago, status)) => format!("last call {status} {}s ago", ago.as_secs()),
+    };
+    let text = format!("circuit breaker {}; {last}", p.breaker.as_str());
+    match p.breaker {
+        BreakerState::Closed => Ok(text),
+        BreakerState::HalfOpen | BreakerState::Open => Err(text),
+    }
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2)
 }
@@ -218,5 +329,82 @@ mod tests {
         assert!(h.out_of_descriptors(true), "a new burst after recovery");
         h.set_reconcile_interval(Duration::from_millis(250));
         assert_eq!(h.reconcile_interval(), Duration::from_millis(250));
+    }
+    fn portal(configured: bool, breaker: BreakerState) -> PortalView {
+        PortalView {
+            configured,
+            breaker,
+            last_call: Some((S(2), "timeout")),
+        }
+    }
+
+    #[test]
+    fn tiers_are_1_to_3_and_nothing_else() {
+        assert_eq!(Tier::from_request(1), Ok(Tier::Liveness));
+        assert_eq!(Tier::from_request(2), Ok(Tier::Ocserv));
+        assert_eq!(Tier::from_request(3), Ok(Tier::EndToEnd));
+        for bad in [0, 4, -1, i32::MAX] {
+            let e = Tier::from_request(bad).unwrap_err();
+            assert!(e.contains(&bad.to_string()), "{e}");
+        }
+    }
+
+    #[test]
+    fn each_tier_runs_only_its_checks() {
+        let down = Err(NotReady::OcservNeverAnswered);
+        let open = portal(true, BreakerState::Open);
+        let live = report(Tier::Liveness, &[], down.clone(), &open);
+        assert!(
+            live.healthy,
+            "liveness ignores ocserv and the portal: {live:?}"
+        );
+        assert_eq!(live.checks.keys().collect::<Vec<_>>(), ["actors"]);
+        let ocserv = report(Tier::Ocserv, &[], down.clone(), &open);
+        assert!(!ocserv.healthy);
+        assert_eq!(
+            ocserv.message,
+            "ocserv: ocserv has not answered successfully yet"
+        );
+        assert!(!ocserv.checks.contains_key("portal"));
+        let all = report(Tier::EndToEnd, &["policy_cache"], down, &open);
+        assert!(!all.healthy);
+        assert_eq!(all.checks.len(), 3);
+        assert!(
+            all.message
+                .starts_with("actors: not running: policy_cache; ocserv: "),
+            "{}",
+            all.message
+        );
+        assert!(
+            all.message
+                .ends_with("portal: circuit breaker open; last call timeout 2s ago"),
+            "{}",
+            all.message
+        );
+    }
+
+    #[test]
+    fn the_portal_is_healthy_only_with_its_breaker_closed_or_when_not_configured() {
+        let tier3 = |p: PortalView| report(Tier::EndToEnd, &[], Ok(()), &p);
+        let closed = tier3(portal(true, BreakerState::Closed));
+        assert!(closed.healthy, "{closed:?}");
+        assert_eq!(closed.message, "healthy");
+        assert_eq!(
+            closed.checks["portal"],
+            "circuit breaker closed; last call timeout 2s ago"
+        );
+        assert!(!tier3(portal(true, BreakerState::HalfOpen)).healthy);
+        assert!(!tier3(portal(true, BreakerState::Open)).healthy);
+        let absent = tier3(portal(false, BreakerState::Open));
+        assert!(absent.healthy);
+        assert!(absent.checks["portal"].starts_with("not configured"));
+        let fresh = tier3(PortalView {
+            last_call: None,
+            ..portal(true, BreakerState::Closed)
+        });
+        assert_eq!(
+            fresh.checks["portal"],
+            "circuit breaker closed; no call yet"
+        );
     }
 }

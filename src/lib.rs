@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod actors;
+pub mod agent_service;
 pub mod app;
 pub mod backoff;
 pub mod breaker;

@@ -136,6 +136,10 @@ fn main() {
             let t = target(t, path);
             finish(rt.block_on(ocserv_agent::cli::disconnect(&t, user, all, reason)))
         }
+        Command::Health { tier, target: t } => {
+            let t = target(t, path);
+            finish(rt.block_on(ocserv_agent::cli::health(&t, tier)))
+        }
     };
     std::process::exit(code);
 }

@@ -847,9 +847,10 @@ async fn reflection_advertises_exactly_the_services_served() {
             "the portal's services are called, not served: {names:?}"
         );
     }
-    // Exactly what is served: the agent's service, health, and both reflection versions.
+    // Exactly what is served: the agent's services, health, and both reflection versions.
     let expected: BTreeSet<String> = [
         "agent.v1.VPNAgentService",
+        "agent.v1.AgentService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -1087,6 +1088,33 @@ async fn health_follows_readiness_and_stale_views_are_not_served() {
     )
     .await;
 
+    // agent.v1.AgentService/HealthCheck: every tier healthy (no portal configured), through the
+    // CLI too; a tier outside 1..=3 is refused naming the field.
+    for tier in 1..=3 {
+        let h = agent::health(&a, tier).await.expect("HealthCheck answers");
+        assert!(h.healthy, "tier {tier}: {h:?}");
+        assert_eq!(h.checks.len(), tier as usize, "tier {tier}: {h:?}");
+    }
+    assert!(agent::health(&a, 3).await.unwrap().checks["portal"].starts_with("not configured"));
+    for bad in [0, 4] {
+        let e = agent::health(&a, bad).await.expect_err("tier out of range");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("tier: "), "{}", e.message());
+    }
+    let cli_health = |tier: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = socket.display().to_string();
+        agent::agent_cmd(dir.path(), &["health", "--socket", &socket, "--tier", tier])
+            .output()
+            .unwrap()
+    };
+    let out = cli_health("2");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ocserv: ok"),
+        "{out:?}"
+    );
+
     lab.stop_ocserv().unwrap();
     wait_for(
         "Health/Check NOT_SERVING after ocserv stopped",
@@ -1094,6 +1122,19 @@ async fn health_follows_readiness_and_stale_views_are_not_served() {
         health_is(ServingStatus::NotServing),
     )
     .await;
+    let h = agent::health(&a, 2).await.expect("HealthCheck answers");
+    assert!(!h.healthy, "tier 2 with ocserv down: {h:?}");
+    assert!(h.status_message.starts_with("ocserv: "), "{h:?}");
+    assert!(
+        agent::health(&a, 1).await.unwrap().healthy,
+        "liveness does not depend on ocserv"
+    );
+    let out = cli_health("2");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tier 2: unhealthy: ocserv: "),
+        "{out:?}"
+    );
     let (status, body) = agent::http_get(a.metrics_addr, "/readyz").await;
     assert_eq!(status, 503, "/readyz: {body}");
     assert!(

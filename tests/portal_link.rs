@@ -282,6 +282,18 @@ async fn the_breaker_opens_rejects_probes_once_and_closes() {
     }
     assert_eq!(portal.calls("u"), 3);
     gauge_is(a, 2.0, "open after 3 failures").await;
+    // HealthCheck's deepest tier shows the portal's state; the tiers below never depend on it.
+    let deep = agent::health(a, 3).await.expect("tier 3 answered");
+    assert!(!deep.healthy, "{deep:?}");
+    assert!(
+        deep.status_message
+            .starts_with("portal: circuit breaker open; last call UNAVAILABLE"),
+        "{deep:?}"
+    );
+    assert!(deep.timestamp.is_some());
+    let ocserv_tier = agent::health(a, 2).await.expect("tier 2 answered");
+    assert!(ocserv_tier.healthy, "{ocserv_tier:?}");
+    assert!(!ocserv_tier.checks.contains_key("portal"));
     // Open: answered at once, and the portal sees nothing.
     for _ in 0..20 {
         assert_eq!(ask("u").await, Err(PortalError::BreakerOpen));
@@ -328,6 +340,12 @@ async fn the_breaker_opens_rejects_probes_once_and_closes() {
             .allowed
     );
     gauge_is(a, 0.0, "closed after the probe's success").await;
+    let deep = agent::health(a, 3).await.expect("tier 3 answered");
+    assert!(deep.healthy, "{deep:?}");
+    assert!(
+        deep.checks["portal"].starts_with("circuit breaker closed; last call ok"),
+        "{deep:?}"
+    );
     portal.set_latency(Duration::ZERO);
     for _ in 0..3 {
         assert!(ask("other").await.unwrap().decision.allowed);

@@ -1,6 +1,7 @@
 //! `GrpcFrontDoor`: the gRPC server on the control socket (and the TCP address, when configured).
 //!
-//! Serves `agent.v1.VPNAgentService` ([`crate::grpc::VpnAgent`]), `grpc.health.v1.Health` and server
+//! Serves `agent.v1.VPNAgentService` ([`crate::grpc::VpnAgent`]), `agent.v1.AgentService`
+//! ([`crate::agent_service::AgentApi`]: its `HealthCheck`), `grpc.health.v1.Health` and server
 //! reflection (v1 and v1alpha, advertising only the services served here) behind the
 //! [`crate::grpc_edge::Edge`] (peer check, read and request timeouts, the global concurrency gate,
 //! request counting), on the shared [`crate::serve`] shell (connection cap, idle timeout, HTTP/2
@@ -21,9 +22,11 @@ use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
 
 use crate::actors::{serve_on, Context, Serves, ServingState};
+use crate::agent_service::AgentApi;
 use crate::grpc::VpnAgent;
 use crate::grpc_edge::Edge;
 use crate::messages::ServerMsg;
+use crate::proto::agent::v1::agent_service_server::AgentServiceServer;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentServiceServer;
 use crate::serve::{Http, Protocol};
 
@@ -34,8 +37,9 @@ pub const HEALTH_POLL: Duration = Duration::from_millis(250);
 
 /// The services this front door serves, as advertised by reflection (the agent's service first:
 /// its health status follows readiness).
-pub const SERVED: [&str; 4] = [
+pub const SERVED: [&str; 5] = [
     "agent.v1.VPNAgentService",
+    "agent.v1.AgentService",
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
@@ -77,6 +81,7 @@ fn routes(ctx: &Arc<Context>) -> Result<(Routes, HealthReporter), ActorProcessin
         .add_service(v1.build_v1()?)
         .add_service(v1alpha.build_v1alpha()?)
         .add_service(VpnAgentServiceServer::new(agent))
+        .add_service(AgentServiceServer::new(AgentApi::new(ctx.clone())))
         .prepare();
     Ok((routes, reporter))
 }

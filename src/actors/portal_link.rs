@@ -91,6 +91,8 @@ pub struct PortalShared {
     /// Created by the first incarnation from `[portal.breaker]`; replaced when that changes.
     breaker: Mutex<Option<Breaker>>,
     in_flight: Arc<Semaphore>,
+    /// When the last call ended and its status label (for `HealthCheck`).
+    last_call: Mutex<Option<(Instant, &'static str)>>,
 }
 
 impl Default for PortalShared {
@@ -98,6 +100,7 @@ impl Default for PortalShared {
         Self {
             breaker: Mutex::new(None),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            last_call: Mutex::new(None),
         }
     }
 }
@@ -112,6 +115,16 @@ impl PortalShared {
         self.lock()
             .as_ref()
             .map_or(BreakerState::Closed, |b| b.state())
+    }
+
+    /// How long ago the last portal call ended, and its status label.
+    pub fn last_call(&self) -> Option<(Duration, &'static str)> {
+        let last = *self.last_call.lock().unwrap_or_else(|p| p.into_inner());
+        last.map(|(at, status)| (at.elapsed(), status))
+    }
+
+    fn call_ended(&self, status: &'static str) {
+        *self.last_call.lock().unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), status));
     }
 }
 
@@ -465,6 +478,7 @@ impl PortalState {
             let status = result.as_ref().err().map_or("ok", PortalError::label);
             ctx.metrics
                 .observe_portal(CHECK_POLICY, status, Some(started.elapsed()));
+            ctx.portal.call_ended(status);
             if let Err(e) = &result {
                 tracing::debug!(error = %e, probe = permit.is_probe(), "portal call failed");
             }

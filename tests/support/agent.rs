@@ -41,6 +41,23 @@ pub async fn client(agent: &Agent) -> VpnAgentServiceClient<Channel> {
     socket_client(&agent.grpc_socket).await
 }
 
+/// `agent.v1.AgentService/HealthCheck` of `tier`, on the agent's control socket.
+pub async fn health(
+    agent: &Agent,
+    tier: i32,
+) -> Result<ocserv_agent::proto::agent::v1::HealthCheckResponse, tonic::Status> {
+    use ocserv_agent::proto::agent::v1::agent_service_client::AgentServiceClient;
+    let target = ocserv_agent::cli::Target::Socket(agent.grpc_socket.clone());
+    let channel = ocserv_agent::cli::connect_channel(&target)
+        .await
+        .map_err(|e| e.message)
+        .expect("connect to the agent");
+    AgentServiceClient::new(channel)
+        .health_check(ocserv_agent::proto::agent::v1::HealthCheckRequest { tier })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
 pub async fn socket_client(path: &std::path::Path) -> VpnAgentServiceClient<Channel> {
     ocserv_agent::cli::connect(&ocserv_agent::cli::Target::Socket(path.to_path_buf()))
         .await
