@@ -56,7 +56,8 @@ pub struct HookDecisionLabels {
     pub reason: &'static str,
     /// `allow` or `deny`.
     pub decision: &'static str,
-    /// `fresh`, `cached`, `stale`, `fail_open`, `fail_closed`, `local_policy`.
+    /// `fresh`, `cached`, `stale`, `fail_open`, `fail_closed`, `local_policy`; `none` for the
+    /// disconnect and host-update reports (recorded, not decided).
     pub source: &'static str,
 }
 

@@ -84,7 +84,7 @@ async fn local_policy_admits_and_denies_through_the_real_scripts() {
             let t = m.encode();
             (agent::metric(
                 &t,
-                "ocserv_agent_hook_decisions_total{reason=\"disconnect\",decision=\"allow\",source=\"local_policy\"}",
+                "ocserv_agent_hook_decisions_total{reason=\"disconnect\",decision=\"allow\",source=\"none\"}",
             ) == Some(2.0))
             .then_some(())
         }

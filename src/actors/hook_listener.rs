@@ -181,12 +181,9 @@ async fn answer(
             if let Some(registry) = ractor::registry::where_is(super::SESSION_REGISTRY) {
                 let _ = registry.send_message(RegistryMsg::HookEvent(event));
             }
-            ctx.metrics.hook_decision(
-                request.reason.as_str(),
-                "allow",
-                crate::policy::Source::LocalPolicy.as_str(),
-                started.elapsed(),
-            );
+            // Not a decision: the report is taken (`allowed`), with no policy source.
+            ctx.metrics
+                .hook_decision(request.reason.as_str(), "allow", "none", started.elapsed());
             HookResponse {
                 allowed: true,
                 error: None,
