@@ -145,18 +145,23 @@ async fn fifty_concurrent_requests_for_one_user_make_one_portal_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn portal_down_each_fail_mode_does_what_it_says_in_time() {
-    let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
+    let users = [
+        LabUser::new("yann", "pw-yann"),
+        LabUser::new("xena", "pw-xena"),
+    ];
+    let lab = hook::lab(&users, HOOK);
     let portal = PortalDouble::start_plain().await;
     let mut cfg = portal_config(&lab, &portal);
+    cfg.hook.socket = hook::socket(&lab);
     cfg.policy.allow_ttl = Duration::from_secs(1);
     cfg.policy.fail_mode = FailMode::Stale;
     cfg.portal.call_timeout = Duration::from_millis(300);
     let socket = cfg.hook.socket.clone();
     let a = agent::start(cfg.clone()).await;
-    assert!(
-        ask(&socket, "yann", 1).await.allowed,
-        "known before the outage"
-    );
+    let before = lab
+        .connect("yann", "pw-yann")
+        .expect("the portal admits yann before the outage");
+    drop(before);
 
     // The portal hangs (slower than call_timeout): answers still come well before the hook's 3 s.
     portal.set_latency(Duration::from_secs(30));
@@ -178,6 +183,24 @@ async fn portal_down_each_fail_mode_does_what_it_says_in_time() {
         (never_seen.allowed, never_seen.source),
         (false, Some(Source::FailClosed))
     );
+    // The same through ocserv and openconnect: yann's login is admitted from the stale entry,
+    // xena (never seen) is refused.
+    let stale_login = lab
+        .connect("yann", "pw-yann")
+        .expect("yann still connects from the stale entry");
+    assert!(
+        lab.connect("xena", "pw-xena").is_err(),
+        "a never-seen user is refused while the portal is down"
+    );
+    let text = a.metrics.encode();
+    for (decision, source, at_least) in [("allow", "stale", 2.0), ("deny", "fail_closed", 2.0)] {
+        let n = agent::metric(
+            &text,
+            &format!("ocserv_agent_hook_decisions_total{{reason=\"connect\",decision=\"{decision}\",source=\"{source}\"}}"),
+        );
+        assert!(n >= Some(at_least), "{decision}/{source}: {n:?}\n{text}");
+    }
+    drop(stale_login);
 
     for (mode, allowed, source) in [
         (FailMode::Open, true, Source::FailOpen),
