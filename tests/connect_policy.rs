@@ -93,6 +93,108 @@ async fn local_policy_admits_and_denies_through_the_real_scripts() {
     a.shutdown().await;
 }
 
+/// `iptables -S` in the lab's server namespace (where ocserv, and so ocserv-fw, runs).
+fn server_iptables(lab: &Lab) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.server_ns, "iptables", "-S"])
+        .output()
+        .expect("iptables runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restricted_to_routes_sessions_run_through_ocserv_fw_and_are_still_decided_by_the_agent() {
+    // With `restrict-user-to-routes`, ocserv runs ocserv-fw instead of the connect-script;
+    // ocserv-fw installs the session's iptables rules, then runs the wrapper as
+    // `/bin/sh "$OCSERV_NEXT_SCRIPT"` and fails the connect when it fails.
+    let users = [
+        LabUser::new("rita", "pw-rita").in_group("restricted"),
+        LabUser::new("sam", "pw-sam").in_group("restricted"),
+    ];
+    let lab = hook::lab(&users, HOOK);
+    // The restriction lives in the group file: the agent writes only the files of policy
+    // entries with routes or DNS, and the policy has no entry for this group.
+    let group_file = lab.config_per_group_dir.join("restricted");
+    let group_text = "restrict-user-to-routes = true\nroute = 10.78.0.0/16\n";
+    std::fs::write(&group_file, group_text).unwrap();
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.hook.socket = hook::socket(&lab);
+    cfg.config_writer.per_user_dir = Some(lab.config_per_user_dir.clone());
+    cfg.config_writer.per_group_dir = Some(lab.config_per_group_dir.clone());
+    cfg.local_policy.path = Some(write_policy(
+        &lab,
+        r#"
+default = "deny"
+
+[users.rita]
+allow = true
+
+[users.sam]
+allow = false
+reason = "sam may not reach the lab network"
+"#,
+    ));
+    let a = agent::start(cfg).await;
+
+    let rita = lab
+        .connect("rita", "pw-rita")
+        .expect("rita is admitted through ocserv-fw");
+    assert!(
+        lab.connect("sam", "pw-sam").is_err(),
+        "sam is refused through ocserv-fw"
+    );
+
+    // ocserv says the session is restricted, and ocserv-fw really ran for it: its chain for the
+    // session's device accepts the group's route and rejects the rest.
+    let out = lab
+        .occtl_in_server_ns(&["-j", "show", "user", "rita"])
+        .unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let session = &shown[0];
+    assert_eq!(
+        session["Restricted to routes"], "True",
+        "occtl show user rita:\n{shown:#}"
+    );
+    let device = session["Device"].as_str().expect("a device").to_owned();
+    let rules = server_iptables(&lab);
+    let chain = format!("FORWARD-ocserv-fw-{device}");
+    for rule in [
+        format!("-A FORWARD -i {device} -m comment --comment ocserv-fw -j {chain}"),
+        format!("-A {chain} -d 10.78.0.0/16 -i {device} -m comment --comment ocserv-fw -j ACCEPT"),
+        format!("-A {chain} -i {device} -m comment --comment ocserv-fw -j REJECT"),
+    ] {
+        assert!(
+            rules.lines().any(|l| l.starts_with(&rule)),
+            "no rule {rule:?} from ocserv-fw for rita's session:\n{rules}"
+        );
+    }
+    // sam's refusal went through ocserv-fw too: it made a chain for his session's device
+    // before running the hook (ocserv 1.1.6 runs no disconnect-script after a refused connect,
+    // so those rules stay until the device is reused).
+    let chains = rules
+        .lines()
+        .filter(|l| l.starts_with("-N FORWARD-ocserv-fw-"))
+        .count();
+    assert_eq!(chains, 2, "one ocserv-fw chain per session:\n{rules}");
+    assert!(rita.is_alive());
+
+    let text = a.metrics.encode();
+    assert_eq!(decisions(&text, "allow", "local_policy"), 1.0, "{text}");
+    assert_eq!(decisions(&text, "deny", "local_policy"), 1.0, "{text}");
+    let log = std::fs::read_to_string(&lab.ocserv_log).unwrap();
+    assert!(
+        log.contains("sam may not reach the lab network"),
+        "the hook printed sam's refusal (ocserv's log):\n{log}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&group_file).unwrap(),
+        group_text,
+        "the agent left the operator's group file alone"
+    );
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_the_next_decision_and_a_broken_file_keeps_the_old_policy() {
     let users = [LabUser::new("erin", "pw-erin")];
@@ -170,6 +272,74 @@ async fn with_the_agent_stopped_the_hook_applies_its_fail_mode_in_time() {
         log.contains("fail mode") || log.contains("fail-mode"),
         "the hook says why on stderr (ocserv's log):\n{log}"
     );
+}
+
+/// Whether a hook program asking on `socket` is running (ocserv's own processes share its
+/// environment, so the program is told apart by its `argv[0]`, which the wrapper `exec`s).
+fn hook_running(socket: &std::path::Path) -> bool {
+    let wanted = format!("OCSERV_AGENT_HOOK_SOCKET={}", socket.display());
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let read = |f: &str| std::fs::read(p.path().join(f)).unwrap_or_default();
+        let cmdline = read("cmdline");
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        argv0.ends_with(b"/ocserv-agent-hook")
+            && read("environ")
+                .split(|b| *b == 0)
+                .any(|v| v == wanted.as_bytes())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_starting_while_the_hook_waits_still_answers_in_time() {
+    let users = [LabUser::new("gus", "pw-gus")];
+    let lab = std::sync::Arc::new(hook::lab(&users, HOOK));
+    let socket = hook::socket(&lab);
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.hook.socket = socket.clone();
+    // Only the agent admits gus: the hook's own fail mode (default, deny) would refuse him.
+    cfg.local_policy.path = Some(write_policy(
+        &lab,
+        "default = \"deny\"\n[users.gus]\nallow = true\n",
+    ));
+    assert!(!socket.exists(), "no agent yet");
+
+    let login = {
+        let lab = lab.clone();
+        tokio::task::spawn_blocking(move || lab.connect("gus", "pw-gus"))
+    };
+    wait_for(
+        "ocserv to run the hook for gus",
+        Duration::from_secs(20),
+        || {
+            let socket = socket.clone();
+            async move { hook_running(&socket).then_some(()) }
+        },
+    )
+    .await;
+    // The hook retries on the missing socket; let it wait for a while, as through a restart.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        hook_running(&socket),
+        "the hook is still waiting for the agent"
+    );
+    let a = agent::start(cfg).await;
+    let gus = login
+        .await
+        .unwrap()
+        .expect("the agent that came up answered the waiting hook: admitted");
+    assert!(gus.is_alive());
+    let text = a.metrics.encode();
+    assert_eq!(decisions(&text, "allow", "local_policy"), 1.0, "{text}");
+    let log = std::fs::read_to_string(&lab.ocserv_log).unwrap_or_default();
+    assert!(
+        !log.contains("fail mode"),
+        "the hook did not fall back on its fail mode:\n{log}"
+    );
+    drop(gus);
+    a.shutdown().await;
 }
 
 // ---------------------------------------------------------------------------------------------

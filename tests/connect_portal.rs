@@ -66,6 +66,14 @@ async fn the_portal_admits_denies_and_its_routes_reach_the_next_session() {
         lab.connect("bob", "pw-bob").is_err(),
         "the portal denies bob"
     );
+    // The reason is logged: the hook prints the agent's refusal on stderr, which ocserv logs.
+    let log = std::fs::read_to_string(&lab.ocserv_log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains("refused by the agent")
+            && l.contains("\"bob\"")
+            && l.contains("bob owes the library a book")),
+        "bob's refusal and the portal's reason in ocserv's log:\n{log}"
+    );
     let req = portal.last_request("alice").expect("alice was asked about");
     assert_eq!(req.username, "alice");
     assert!(
@@ -232,8 +240,13 @@ async fn portal_down_each_fail_mode_does_what_it_says_in_time() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_policy_actors_during_a_storm_never_costs_an_answer() {
-    let lab = support::lab::Lab::start(LabOptions::default()).expect("lab starts");
+async fn killing_the_policy_actors_during_a_storm_never_costs_an_answer_or_a_session() {
+    let users = [
+        LabUser::new("vpn1", "pw-vpn1"),
+        LabUser::new("vpn2", "pw-vpn2"),
+        LabUser::new("vpn3", "pw-vpn3"),
+    ];
+    let lab = Arc::new(hook::lab(&users, HOOK));
     let portal = PortalDouble::start_plain().await;
     portal.set_latency(Duration::from_millis(20));
     for i in 0..20 {
@@ -246,9 +259,17 @@ async fn killing_the_policy_actors_during_a_storm_never_costs_an_answer() {
     }
     let mut cfg = portal_config(&lab, &portal);
     cfg.policy.fail_mode = FailMode::Stale;
+    cfg.hook.socket = hook::socket(&lab);
     let socket = cfg.hook.socket.clone();
     let deadline = cfg.hook.request_timeout;
     let a = agent::start(cfg).await;
+    // Two live VPN sessions, admitted by the portal through the real hook.
+    let live = [
+        lab.connect("vpn1", "pw-vpn1").expect("vpn1 is admitted"),
+        lab.connect("vpn2", "pw-vpn2").expect("vpn2 is admitted"),
+    ];
+    let before = agent::ocserv_ids(&lab);
+    assert_eq!(before.len(), 2, "{before:?}");
     // Warm the cache: every user's decision is known (and stays usable as stale).
     for i in 0..20 {
         ask(&socket, &format!("u{i}"), i).await;
@@ -270,6 +291,16 @@ async fn killing_the_policy_actors_during_a_storm_never_costs_an_answer() {
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
             n
+        })
+    };
+    // One more real login in the middle of the storm (the hook's own deadline, 3 s, applies).
+    let login = {
+        let lab = lab.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            tokio::task::spawn_blocking(move || lab.connect("vpn3", "pw-vpn3"))
+                .await
+                .unwrap()
         })
     };
     let mut answers: HashMap<bool, usize> = HashMap::new();
@@ -312,11 +343,47 @@ async fn killing_the_policy_actors_during_a_storm_never_costs_an_answer() {
         assert_eq!(answer.allowed, expected, "request {k}: {answer:?}");
         *answers.entry(answer.allowed).or_default() += 1;
     }
+    let during = login
+        .await
+        .unwrap()
+        .expect("a real login during the storm is admitted");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let strikes = striker.await.unwrap();
     assert!(strikes >= 20, "the actors were struck {strikes} times");
     assert_eq!(answers.values().sum::<usize>(), 400);
     // Cached entries survived the cache's restarts: the warm-up's decisions are still there.
     assert!(a.ctx.policy_store().len() >= 20);
+
+    // The VPN sessions lived through it: the clients still run, ocserv still lists the same
+    // sessions (same IDs) plus the one made during the storm, and the agent agrees with ocserv.
+    for c in live.iter().chain([&during]) {
+        assert!(c.is_alive(), "{} was disconnected:\n{}", c.user, c.log());
+    }
+    let after = agent::ocserv_ids(&lab);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(
+        before.iter().all(|id| after.contains(id)),
+        "before the storm {before:?}, after {after:?}"
+    );
+    let c = agent::client(&a).await;
+    wait_for(
+        "the agent's sessions to equal ocserv's",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            let after = after.clone();
+            async move {
+                let mut ids: Vec<u32> = agent::sessions(&mut c, "")
+                    .await
+                    .ok()?
+                    .iter()
+                    .filter_map(|s| s.session_id.parse().ok())
+                    .collect();
+                ids.sort_unstable();
+                (ids == after).then_some(())
+            }
+        },
+    )
+    .await;
     a.shutdown().await;
 }
