@@ -11,41 +11,27 @@ use ocserv_agent::hook_proto::{self, HookResponse};
 use super::lab::{Lab, LabOptions, LabUser};
 
 /// The shipped wrapper copied into `dir/bin` beside a link to the built hook program `built`
-/// (a test passes `env!("CARGO_BIN_EXE_ocserv-agent-hook")`); returns the wrapper's path.
-pub fn install(dir: &Path, built: &str) -> PathBuf {
+/// (a test passes `env!("CARGO_BIN_EXE_ocserv-agent-hook")`, the demo the release build next
+/// to itself); returns the wrapper's path. [`LabOptions::hook`] does this in the lab's own dir.
+pub fn install(dir: &Path, built: &Path) -> eyre::Result<PathBuf> {
+    use eyre::WrapErr;
     let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&bin).wrap_err_with(|| format!("creating {}", bin.display()))?;
     let wrapper = bin.join("ocserv-agent-hook.sh");
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ocserv-agent-hook.sh"),
-        &wrapper,
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(built, bin.join("ocserv-agent-hook")).unwrap();
-    wrapper
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/ocserv-agent-hook.sh");
+    std::fs::copy(&shipped, &wrapper)
+        .wrap_err_with(|| format!("copying {} to {}", shipped.display(), wrapper.display()))?;
+    std::os::unix::fs::symlink(built, bin.join("ocserv-agent-hook"))
+        .wrap_err_with(|| format!("linking {} into {}", built.display(), bin.display()))?;
+    Ok(wrapper)
 }
 
 /// A lab whose ocserv runs the hook (`built`, see [`install`]) for connects and disconnects,
-/// asking on a socket of its own ([`socket`]).
+/// asking on a socket of its own in the lab dir ([`socket`]).
 pub fn lab(users: &[LabUser], built: &str) -> Lab {
-    let dir = tempfile::Builder::new()
-        .prefix("oa-hook-")
-        .tempdir()
-        .unwrap()
-        .keep();
-    let wrapper = install(&dir, built);
-    let socket = dir.join("hook.sock");
     Lab::start(LabOptions {
         users: users.to_vec(),
-        connect_script: Some(wrapper.clone()),
-        disconnect_script: Some(wrapper),
-        env: vec![
-            (
-                "OCSERV_AGENT_HOOK_SOCKET".into(),
-                socket.display().to_string(),
-            ),
-            ("OCSERV_AGENT_HOOK_TIMEOUT".into(), "3s".into()),
-        ],
+        hook: Some(built.into()),
         ..Default::default()
     })
     .expect("lab starts")

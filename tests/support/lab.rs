@@ -1,9 +1,9 @@
 //! A real ocserv test lab on one machine: ocserv in one network namespace, openconnect clients
 //! in another, joined by a veth pair (reference/ocserv.md §7).
 //!
-//! Inputs: [`LabOptions`] (users, `max-clients`, optional connect/disconnect scripts, raw extra
-//! `ocserv.conf` lines). Needs root and the binaries `ocserv`, `occtl`, `ocpasswd`, `certtool`,
-//! `openconnect`, `ip` and `ping`.
+//! Inputs: [`LabOptions`] (users, `max-clients`, optional connect/disconnect scripts or the
+//! shipped hook, raw extra `ocserv.conf` lines). Needs root and the binaries `ocserv`, `occtl`,
+//! `ocpasswd`, `certtool`, `openconnect`, `ip` and `ping`.
 //!
 //! Outputs: a running [`Lab`] (its own temp dir with a throwaway CA and server certificate, a
 //! plain-auth passwd file, config-per-user/group dirs, the occtl socket and ocserv's log) and
@@ -19,8 +19,8 @@
 //! processes killed, its namespaces deleted) before reuse.
 //!
 //! Safety of the host: clients use a tiny `--script` that only configures their tun device, so
-//! the host's resolv.conf and routes are never touched; ocserv pushes no DNS; all addresses
-//! exist only inside the lab's namespaces.
+//! the host's resolv.conf and routes are never touched, whatever routes and DNS ocserv pushes;
+//! all addresses exist only inside the lab's namespaces.
 //!
 //! Failure behaviour: every wait polls with a deadline and fails with an error naming what was
 //! awaited plus the relevant log tail. `Drop` never panics: it kills the lab's clients and ocserv
@@ -98,6 +98,13 @@ pub struct LabOptions {
     pub disconnect_script: Option<PathBuf>,
     /// Environment variables ocserv is started with (its scripts inherit them).
     pub env: Vec<(String, String)>,
+    /// The built hook program (`ocserv-agent-hook`). When set, the shipped `/bin/sh` wrapper is
+    /// installed beside a link to it in the lab dir's `bin/` ([`super::hook::install`]) and runs
+    /// as connect- and disconnect-script (replacing `connect_script` and `disconnect_script`),
+    /// asking on `hook.sock` in the lab dir (`OCSERV_AGENT_HOOK_SOCKET` in ocserv's
+    /// environment, see [`super::hook::socket`]) with a 3 s deadline. Everything stays in the
+    /// lab dir, so it goes away with the lab.
+    pub hook: Option<PathBuf>,
 }
 
 impl Default for LabOptions {
@@ -109,6 +116,7 @@ impl Default for LabOptions {
             connect_script: None,
             disconnect_script: None,
             env: Vec::new(),
+            hook: None,
         }
     }
 }
@@ -311,6 +319,19 @@ impl Lab {
 
         let vpn_network = Ipv4Net::new(Ipv4Addr::new(10, 232, n as u8, 0), 24)
             .wrap_err("building the VPN network")?;
+        let (mut connect_script, mut disconnect_script) =
+            (opts.connect_script.clone(), opts.disconnect_script.clone());
+        let mut env = opts.env.clone();
+        if let Some(built) = &opts.hook {
+            let wrapper = super::hook::install(&dir, built)?;
+            connect_script = Some(wrapper.clone());
+            disconnect_script = Some(wrapper);
+            env.push((
+                "OCSERV_AGENT_HOOK_SOCKET".into(),
+                dir.join("hook.sock").display().to_string(),
+            ));
+            env.push(("OCSERV_AGENT_HOOK_TIMEOUT".into(), "3s".into()));
+        }
         let mut lab = Lab {
             occtl_socket: dir.join("occtl.socket"),
             config_per_user_dir: dir.join("config-per-user"),
@@ -327,9 +348,9 @@ impl Lab {
             port: PORT,
             device_prefix: format!("oa{n}t"),
             vpn_network,
-            connect_script: opts.connect_script.clone(),
-            disconnect_script: opts.disconnect_script.clone(),
-            env: opts.env.clone(),
+            connect_script,
+            disconnect_script,
+            env,
             server_pin: String::new(),
             veth_server,
             veth_client,
