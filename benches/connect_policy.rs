@@ -127,6 +127,7 @@ impl Rig {
         config.grpc.socket = dir.path().join("agent.sock");
         config.grpc.listen = None;
         config.hook.socket = dir.path().join("run/hook.sock");
+        config.agent.state_dir = dir.path().join("state");
         config.hook.allowed_uids = vec![nix::unistd::getuid().as_raw()];
         config.metrics.listen = "127.0.0.1:0".parse().expect("address");
         for d in ["per-user", "per-group"] {

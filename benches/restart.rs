@@ -150,6 +150,7 @@ async fn actor_restarts() {
     config.grpc.insecure = true;
     config.grpc.socket = fake.socket.with_file_name("agent.sock");
     config.hook.socket = fake.socket.with_file_name("hook.sock");
+    config.agent.state_dir = fake.socket.with_file_name("state");
     config.metrics.listen = "127.0.0.1:0".parse().expect("address");
     config.supervisor.restart_window = RESTART_WINDOW;
     config.supervisor.restart_intensity = 10_000;

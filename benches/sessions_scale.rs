@@ -323,6 +323,7 @@ async fn latency() -> SessionsView {
     config.grpc.insecure = true;
     config.grpc.socket = fake.socket.with_file_name("agent.sock");
     config.hook.socket = fake.socket.with_file_name("hook.sock");
+    config.agent.state_dir = fake.socket.with_file_name("state");
     config.grpc.allowed_uids = vec![nix::unistd::getuid().as_raw()];
     config.metrics.listen = "127.0.0.1:0".parse().expect("address");
     let agent = ocserv_agent::app::start(config)

@@ -281,12 +281,14 @@ fn steps(
     std::fs::write(
         &config,
         format!(
-            "[ocserv]\ncontrol_socket = {}\nreconcile_interval = \"1s\"\n\n\
+            "[agent]\nstate_dir = {}\n\n\
+             [ocserv]\ncontrol_socket = {}\nreconcile_interval = \"1s\"\n\n\
              [grpc]\nsocket = {}\n\n\
              [hook]\nsocket = {}\n\n\
              [local_policy]\npath = {}\n\n\
              [config_writer]\nper_user_dir = {}\nper_group_dir = {}\n\n\
              [metrics]\nlisten = \"{metrics}\"\n",
+            q(&lab.dir.join("state")),
             q(&lab.occtl_socket),
             q(&grpc),
             q(hook_socket),

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use ractor::{Actor, ActorRef};
 use tokio::sync::watch;
@@ -18,8 +18,10 @@ use crate::actors::{Context, Endpoints, CONFIG_WRITER, SUPERVISOR};
 use crate::config::{Changes, Config};
 use crate::messages::{SupervisorMsg, WriterMsg};
 use crate::metrics::Metrics;
+use crate::policy::cache::Entry;
 use crate::policy::local::LocalPolicy;
 use crate::serve::{Endpoint, Limits, Listener};
+use crate::store::{Store, StoreError};
 
 /// Exit code when the supervisor gave up (restart intensity exceeded): EX_SOFTWARE.
 pub const EXIT_ESCALATED: i32 = 70;
@@ -131,11 +133,62 @@ pub fn local_policy(config: &Config) -> eyre::Result<LocalPolicy> {
 /// started.
 pub async fn start(config: Config) -> eyre::Result<Agent> {
     let local = local_policy(&config)?;
-    start_with(config, local).await
+    let store = open_store(&config).await?;
+    start_with(config, local, store).await
 }
 
-/// [`start`] with the local policy already loaded.
-pub async fn start_with(config: Config, local: LocalPolicy) -> eyre::Result<Agent> {
+/// Opens the durable store of `agent.state_dir` (off the async workers).
+pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
+    let dir = config.agent.state_dir.clone();
+    tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .unwrap_or_else(|e| {
+            Err(StoreError::Open {
+                path: Store::path_in(&config.agent.state_dir),
+                reason: e.to_string(),
+            })
+        })
+}
+
+/// Puts the portal decisions kept in the store back into the policy cache, each with its age:
+/// a decision fresh before the restart is fresh for the rest of its lifetime, one past it serves
+/// only as a stale answer while the portal fails, one past `policy.stale_for` is dropped.
+fn restore_decisions(ctx: &Context) -> Result<(), StoreError> {
+    let cfg = ctx.config();
+    let lifetimes = cfg.policy.lifetimes();
+    let usable =
+        |d: &crate::policy::Decision, age: Duration| age <= lifetimes.ttl(d) + lifetimes.stale_for;
+    let loaded = ctx
+        .store
+        .load_decisions(SystemTime::now(), cfg.policy.capacity, usable)?;
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let mut cache = ctx.policy_store();
+    let mut restored = 0usize;
+    // Oldest first, so the newest end up the most recently used.
+    for (user, group, decision, at) in loaded.decisions.into_iter().rev() {
+        let age = wall.duration_since(at).unwrap_or_default();
+        if let Some(fetched_at) = now.checked_sub(age) {
+            cache.insert(
+                &user,
+                &group,
+                Entry {
+                    decision,
+                    fetched_at,
+                },
+            );
+            restored += 1;
+        }
+    }
+    ctx.metrics
+        .cache_size
+        .set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
+    tracing::info!(restored, dropped = loaded.dropped, store = %ctx.store.path().display(),
+        "policy decisions restored from the state store");
+    Ok(())
+}
+
+/// [`start`] with the local policy loaded and the store open.
+pub async fn start_with(config: Config, local: LocalPolicy, store: Store) -> eyre::Result<Agent> {
     let endpoints = endpoints(&config)?;
     let grpc_socket = config.grpc.socket.clone();
     let hook_socket = config.hook.socket.clone();
@@ -146,7 +199,19 @@ pub async fn start_with(config: Config, local: LocalPolicy) -> eyre::Result<Agen
         .local_addr()
         .ok_or_else(|| eyre::eyre!("metrics.listen: no local address"))?;
     let metrics = Arc::new(Metrics::new());
-    let ctx = Arc::new(Context::new(config, metrics.clone(), endpoints, local));
+    let ctx = Arc::new(Context::new(
+        config,
+        metrics.clone(),
+        endpoints,
+        local,
+        store,
+    ));
+    {
+        let ctx = ctx.clone();
+        tokio::task::spawn_blocking(move || restore_decisions(&ctx))
+            .await
+            .map_err(|e| eyre::eyre!("restoring policy decisions: {e}"))??;
+    }
     let (exit_tx, exit_rx) = watch::channel(None);
     let started = Actor::spawn(
         Some(SUPERVISOR.to_string()),
@@ -263,7 +328,16 @@ pub async fn run(config: Config, config_path: Option<PathBuf>, set_log_level: Se
             return crate::config::EXIT_CONFIG;
         }
     };
-    let mut agent = match start_with(config, local).await {
+    // A store that cannot be opened stops the start with its own exit code: never an empty one.
+    let store = match open_store(&config).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("ocserv-agent: {e}");
+            return crate::store::EXIT_STORE;
+        }
+    };
+    let mut agent = match start_with(config, local, store).await {
         Ok(a) => a,
         Err(e) => {
             tracing::error!("{e:#}");

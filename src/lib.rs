@@ -24,5 +24,6 @@ pub mod proto;
 pub mod registry;
 pub mod restart;
 pub mod serve;
+pub mod store;
 pub mod tree;
 pub mod validate;

@@ -89,6 +89,14 @@ fn main() {
             let loaded = load_or_exit(path);
             print!("{}", loaded.render());
             let c = &loaded.config;
+            // Not opened here: a running agent holds it.
+            let store = ocserv_agent::store::Store::path_in(&c.agent.state_dir);
+            let state = if store.exists() {
+                "exists"
+            } else {
+                "created at the first start"
+            };
+            println!("# state store: {} ({state})", store.display());
             match (c.policy.source, &c.local_policy.path) {
                 (_, Some(p)) => match ocserv_agent::policy::local::load(p) {
                     Ok(_) => println!("# local policy: {} is valid", p.display()),

@@ -329,3 +329,25 @@ pub enum WriterMsg {
     },
     Crash,
 }
+
+/// To `StateStore`: what to keep in the durable store ([`crate::store`]). Writes are
+/// write-behind: queued by key (a newer value for a key replaces the queued one) and committed
+/// together in one transaction on a blocking thread, one transaction at a time.
+#[derive(Debug)]
+pub enum StoreMsg {
+    /// Keep the portal's decision for (username, groupname), given at `fetched_at`.
+    KeepDecision {
+        username: String,
+        groupname: String,
+        decision: crate::policy::Decision,
+        fetched_at: std::time::SystemTime,
+    },
+    /// Forget the decision for (username, groupname).
+    ForgetDecision {
+        username: String,
+        groupname: String,
+    },
+    /// A transaction finished (sent by its task to whichever incarnation runs now).
+    Flushed,
+    Crash,
+}

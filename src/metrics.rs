@@ -101,6 +101,12 @@ pub struct StatusLabel {
     pub status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableStatus {
+    pub table: &'static str,
+    pub status: &'static str,
+}
+
 type FloatGauge = Gauge<f64, AtomicU64>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -142,6 +148,7 @@ pub struct Metrics {
     pub circuit_breaker_state: Family<ServiceLabel, Gauge>,
     pub config_writes: Family<KindStatus, Counter>,
     pub local_policy_reloads: Family<StatusLabel, Counter>,
+    pub store_writes: Family<TableStatus, Counter>,
 }
 
 impl Default for Metrics {
@@ -247,6 +254,12 @@ impl Metrics {
             })
             .set(1);
         agent.register("build_info", "Build information", build_info);
+        let store_writes = Family::<TableStatus, Counter>::default();
+        agent.register(
+            "store_writes",
+            "Transactions of the durable state store by table and outcome (ok, error)",
+            store_writes.clone(),
+        );
         let portal_requests = Family::<MethodStatus, Counter>::default();
         agent.register(
             "portal_requests",
@@ -347,6 +360,7 @@ impl Metrics {
             circuit_breaker_state,
             config_writes,
             local_policy_reloads,
+            store_writes,
         }
     }
 
@@ -497,6 +511,14 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts one transaction of the durable store on `table`.
+    pub fn store_write(&self, table: &'static str, ok: bool) {
+        let status = if ok { "ok" } else { "error" };
+        self.store_writes
+            .get_or_create(&TableStatus { table, status })
+            .inc();
+    }
+
     /// Records one call to the portal: its outcome, and its latency when it reached out to the
     /// portal (`elapsed` is `None` for calls answered without a network call).
     pub fn observe_portal(

@@ -4,6 +4,7 @@
 /// The children of the root supervisor, in start order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Child {
+    StateStore,
     OcservCtl,
     SessionRegistry,
     ConfigWriter,
@@ -15,7 +16,8 @@ pub enum Child {
 }
 
 impl Child {
-    pub const ALL: [Child; 8] = [
+    pub const ALL: [Child; 9] = [
+        Child::StateStore,
         Child::OcservCtl,
         Child::SessionRegistry,
         Child::ConfigWriter,
@@ -34,6 +36,7 @@ impl Child {
     /// The registered actor name (also the `actor` label of the restart counter).
     pub fn name(self) -> &'static str {
         match self {
+            Child::StateStore => STATE_STORE,
             Child::OcservCtl => OCSERV_CTL,
             Child::SessionRegistry => SESSION_REGISTRY,
             Child::ConfigWriter => CONFIG_WRITER,
@@ -47,6 +50,7 @@ impl Child {
 }
 
 pub const SUPERVISOR: &str = "supervisor";
+pub const STATE_STORE: &str = "state_store";
 pub const OCSERV_CTL: &str = "ocserv_ctl";
 pub const SESSION_REGISTRY: &str = "session_registry";
 pub const CONFIG_WRITER: &str = "config_writer";

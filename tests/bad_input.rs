@@ -192,6 +192,7 @@ async fn missing_occtl_and_socket_garbage_are_named() {
     cfg.ocserv.reconcile_interval = Duration::from_millis(200);
     cfg.grpc.socket = dir.path().join("agent.sock");
     cfg.hook.socket = dir.path().join("hook.sock");
+    cfg.agent.state_dir = dir.path().join("state");
     cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
     let a = agent::start(cfg).await;
     let mut c = agent::client(&a).await;

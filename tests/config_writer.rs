@@ -64,6 +64,7 @@ impl Setup {
         c.ocserv.reconcile_interval = Duration::from_millis(300);
         c.grpc.socket = self.dir.path().join("agent.sock");
         c.hook.socket = self.dir.path().join("hook.sock");
+        c.agent.state_dir = self.dir.path().join("state");
         c.metrics.listen = "127.0.0.1:0".parse().unwrap();
         c.supervisor.restart_intensity = 1000;
         std::fs::create_dir_all(self.users()).unwrap();
@@ -78,11 +79,13 @@ impl Setup {
     fn config_file(&self) -> PathBuf {
         let file = self.dir.path().join("agent.toml");
         let text = format!(
-            "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"300ms\"\n\n\
+            "[agent]\nstate_dir = {:?}\n\n\
+             [ocserv]\ncontrol_socket = {:?}\nreconcile_interval = \"300ms\"\n\n\
              [grpc]\nsocket = {:?}\n\n[hook]\nsocket = {:?}\n\n\
              [metrics]\nlisten = \"127.0.0.1:0\"\n\n[supervisor]\nrestart_intensity = 1000\n\n\
              [local_policy]\npath = {:?}\n\n\
              [config_writer]\nper_user_dir = {:?}\nper_group_dir = {:?}\n",
+            self.dir.path().join("state").display().to_string(),
             self._fake.socket().display().to_string(),
             self.dir.path().join("agent.sock").display().to_string(),
             self.dir.path().join("hook.sock").display().to_string(),

@@ -36,6 +36,7 @@ fn config(dir: &Path, fake: &FakeOcserv, portal: PortalConfig) -> Config {
     c.ocserv.control_socket = fake.socket().to_path_buf();
     c.grpc.socket = dir.join("agent.sock");
     c.hook.socket = dir.join("hook.sock");
+    c.agent.state_dir = dir.join("state");
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c.supervisor.restart_intensity = 1000;
     c.portal = portal;

@@ -13,10 +13,12 @@ use support::lab::{Lab, LabOptions};
 
 fn config_text(lab: &Lab, reconcile: &str, level: &str, max_connections: u32) -> String {
     format!(
-        "[ocserv]\ncontrol_socket = {:?}\nreconcile_interval = {reconcile:?}\n\n\
+        "[agent]\nstate_dir = {:?}\n\n\
+         [ocserv]\ncontrol_socket = {:?}\nreconcile_interval = {reconcile:?}\n\n\
          [grpc]\nsocket = {:?}\nmax_connections = {max_connections}\n\n\
          [hook]\nsocket = {:?}\n\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n\n[log]\nlevel = {level:?}\n",
+        lab.dir.join("state").display().to_string(),
         lab.occtl_socket.display().to_string(),
         lab.dir.join("agent.sock").display().to_string(),
         lab.dir.join("hook.sock").display().to_string(),

@@ -20,6 +20,7 @@ async fn the_cli_lists_twenty_thousand_sessions() {
     cfg.ocserv.control_socket = fake.socket().to_path_buf();
     cfg.grpc.socket = dir.path().join("agent.sock");
     cfg.hook.socket = dir.path().join("hook.sock");
+    cfg.agent.state_dir = dir.path().join("state");
     cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
     cfg.grpc.request_timeout = Duration::from_secs(20);
     // Decoding 20 000 sessions in a debug build on a loaded machine can take seconds; this test

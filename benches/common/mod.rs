@@ -368,6 +368,10 @@ impl ChildAgent {
                 "OCSERV_AGENT__HOOK__SOCKET",
                 agent_socket.with_file_name("hook.sock"),
             )
+            .env(
+                "OCSERV_AGENT__AGENT__STATE_DIR",
+                agent_socket.with_file_name("state"),
+            )
             .env("OCSERV_AGENT__METRICS__LISTEN", metrics.to_string())
             .env("OCSERV_AGENT__LOG__LEVEL", "warn")
             .env_remove("RUST_LOG")

@@ -12,6 +12,7 @@ pub mod ocserv_ctl;
 pub mod policy_cache;
 pub mod portal_link;
 pub mod session_registry;
+pub mod state_store;
 pub mod supervisor;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,7 +33,7 @@ use crate::serve::Endpoint;
 
 pub use crate::tree::{
     Child, CONFIG_WRITER, GRPC_FRONT_DOOR, HOOK_LISTENER, METRICS_SERVER, OCSERV_CTL, POLICY_CACHE,
-    PORTAL_LINK, SESSION_REGISTRY, SUPERVISOR,
+    PORTAL_LINK, SESSION_REGISTRY, STATE_STORE, SUPERVISOR,
 };
 
 impl Child {
@@ -41,12 +42,15 @@ impl Child {
     /// `Crash` message (`ActorFailed`). Returns the struck incarnation's id, or `None` when the
     /// actor is not running.
     pub fn strike(self, panic: bool) -> Option<ractor::ActorId> {
-        use crate::messages::{CtlMsg, PolicyMsg, PortalMsg, RegistryMsg, ServerMsg, WriterMsg};
+        use crate::messages::{
+            CtlMsg, PolicyMsg, PortalMsg, RegistryMsg, ServerMsg, StoreMsg, WriterMsg,
+        };
         let cell = ractor::registry::where_is(self.name())?;
         if !panic {
             cell.kill();
         } else {
             let delivered = match self {
+                Child::StateStore => cell.send_message(StoreMsg::Crash).is_ok(),
                 Child::OcservCtl => cell.send_message(CtlMsg::Crash).is_ok(),
                 Child::SessionRegistry => cell.send_message(RegistryMsg::Crash).is_ok(),
                 Child::ConfigWriter => cell.send_message(WriterMsg::Crash).is_ok(),
@@ -92,9 +96,11 @@ pub struct Context {
     pub metrics_endpoint: Arc<Endpoint>,
     /// The hook socket (`hook.socket`).
     pub hook_endpoint: Arc<Endpoint>,
-    /// Cached connect decisions, outside the `PolicyCache` actor so they survive its restarts
-    /// (not a process restart: nothing is stored on disk yet).
+    /// Cached connect decisions, outside the `PolicyCache` actor so they survive its restarts;
+    /// the portal's decisions are also kept in the durable store (loaded at start).
     policy_store: Mutex<PolicyStore>,
+    /// The durable store, opened at start; the `StateStore` actor writes to it.
+    pub store: crate::store::Store,
     /// What the portal link keeps across its restarts: the circuit breaker (an open breaker
     /// stays open) and the bound on portal calls in flight.
     pub portal: portal_link::PortalShared,
@@ -121,9 +127,11 @@ impl Context {
         metrics: Arc<Metrics>,
         endpoints: Endpoints,
         local_policy: LocalPolicy,
+        store: crate::store::Store,
     ) -> Self {
         let c = &config;
         Self {
+            store,
             policy_store: Mutex::new(PolicyStore::new(c.policy.capacity)),
             hook_endpoint: endpoints.hook,
             health: Arc::new(Health::new(c.ocserv.reconcile_interval)),

@@ -4,7 +4,8 @@
 //!   `local_policy`. Nothing is cached (the evaluation is a map lookup).
 //! - `policy.source = "portal"`: decisions keyed by (username, groupname) in the shared
 //!   [`PolicyStore`] (an LRU bounded by `policy.capacity`, kept in the `Context` so that it
-//!   survives a restart of this actor; not a restart of the process). A fresh entry is served
+//!   survives a restart of this actor; each portal decision is also kept in the durable store
+//!   through the `StateStore`, and restored at the next start). A fresh entry is served
 //!   (`cached`); one in its last fifth is served and refreshed in the background; a miss, a
 //!   stale or expired entry asks the `PortalLink`. Concurrent misses for one key make one portal
 //!   call and all wait for it (single-flight). When the portal fails or its breaker is open, the
@@ -23,10 +24,12 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::actors::{call, config_writer, Context, CONFIG_WRITER, OCSERV_CTL, PORTAL_LINK};
+use crate::actors::{
+    call, config_writer, Context, CONFIG_WRITER, OCSERV_CTL, PORTAL_LINK, STATE_STORE,
+};
 use crate::config::PolicySource;
 use crate::messages::{
-    CtlMsg, PolicyMsg, PolicyQuery, PortalAnswer, PortalError, PortalMsg, WriterMsg,
+    CtlMsg, PolicyMsg, PolicyQuery, PortalAnswer, PortalError, PortalMsg, StoreMsg, WriterMsg,
 };
 use crate::policy::cache::{freshness, Entry, Freshness, InFlight, Join};
 use crate::policy::{Source, Verdict};
@@ -137,11 +140,15 @@ impl CacheState {
                     decision: answer.decision.clone(),
                     fetched_at: now,
                 };
-                let size = {
+                let (kept, size) = {
                     let mut store = self.ctx.policy_store();
-                    store.insert_fetched(&query.username, &query.groupname, entry, ticket);
-                    store.len()
+                    let kept =
+                        store.insert_fetched(&query.username, &query.groupname, entry, ticket);
+                    (kept, store.len())
                 };
+                if kept {
+                    keep_decision(&query, &answer.decision);
+                }
                 self.ctx
                     .metrics
                     .cache_size
@@ -183,6 +190,20 @@ pub fn without_portal(ctx: &Context, query: &PolicyQuery) -> Verdict {
         (&query.username, &query.groupname),
         Instant::now(),
     )
+}
+
+/// A portal decision is also kept in the durable store (write-behind), so that an agent
+/// restarted during a portal outage can still answer from it as a stale entry.
+fn keep_decision(query: &PolicyQuery, decision: &crate::policy::Decision) {
+    let Some(store) = ractor::registry::where_is(STATE_STORE) else {
+        return tracing::warn!(user = %query.username, "state store not running; decision not kept on disk");
+    };
+    let _ = store.send_message(StoreMsg::KeepDecision {
+        username: query.username.clone(),
+        groupname: query.groupname.clone(),
+        decision: decision.clone(),
+        fetched_at: std::time::SystemTime::now(),
+    });
 }
 
 /// The routes and DNS of a portal admission become the user's per-user file (ocserv reads it at

@@ -22,6 +22,7 @@ use crate::actors::ocserv_ctl::OcservCtl;
 use crate::actors::policy_cache::PolicyCache;
 use crate::actors::portal_link::PortalLink;
 use crate::actors::session_registry::SessionRegistry;
+use crate::actors::state_store::StateStore;
 use crate::actors::{Child, Context, ServerActor};
 use crate::messages::SupervisorMsg;
 use crate::restart::{Decision, RestartPolicy};
@@ -66,6 +67,7 @@ async fn spawn_child(
     let name = Some(child.name().to_string());
     let c = ctx.clone();
     match child {
+        Child::StateStore => drop(Actor::spawn_linked(name, StateStore, c, sup).await?),
         Child::OcservCtl => drop(Actor::spawn_linked(name, OcservCtl, c, sup).await?),
         Child::SessionRegistry => drop(Actor::spawn_linked(name, SessionRegistry, c, sup).await?),
         Child::PortalLink => drop(Actor::spawn_linked(name, PortalLink, c, sup).await?),

@@ -8,8 +8,9 @@ section! {
         /// characters from `A-Z a-z 0-9 . _ -`; by default the hostname when it is a valid id,
         /// else `ocserv-agent`.
         id: String = default_agent_id(),
-        /// Directory for durable state (reserved: this version keeps none and does not create
-        /// it). An absolute path.
+        /// Directory of the durable state store (`state.redb`: the portal's cached decisions
+        /// today), created with mode 0700 when missing. A store that cannot be opened stops the
+        /// start with exit code 74. An absolute path.
         state_dir: PathBuf = "/var/lib/ocserv-agent".into(),
     }
 }

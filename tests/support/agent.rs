@@ -25,6 +25,7 @@ pub fn config_for(lab: &Lab, backend: BackendKind) -> Config {
     c.ocserv.reconcile_interval = Duration::from_millis(300);
     c.grpc.socket = lab.dir.join("agent.sock");
     c.hook.socket = lab.dir.join("hook.sock");
+    c.agent.state_dir = lab.dir.join("state");
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c.supervisor.restart_intensity = 1000;
     c
@@ -178,6 +179,7 @@ pub fn agent_cmd(dir: &std::path::Path, args: &[&str]) -> std::process::Command 
     if args.first() == Some(&"run") {
         cmd.env("OCSERV_AGENT__GRPC__SOCKET", dir.join("agent.sock"));
         cmd.env("OCSERV_AGENT__HOOK__SOCKET", dir.join("hook.sock"));
+        cmd.env("OCSERV_AGENT__AGENT__STATE_DIR", dir.join("state"));
     }
     cmd.args(args);
     cmd

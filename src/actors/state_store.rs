@@ -1,0 +1,114 @@
+//! `StateStore`: the actors' way into the durable store ([`crate::store`]).
+//!
+//! The store itself is opened at start and lives in the [`Context`] (it outlives this actor);
+//! this actor turns messages into transactions without ever waiting on the disk in its handler:
+//! writes are queued by key (a newer value for a key replaces the queued one, so the queue is
+//! bounded by the number of distinct keys) and committed together in one transaction on a
+//! blocking thread, one transaction at a time. The task reports back with
+//! [`StoreMsg::Flushed`]; then whatever queued meanwhile goes in the next transaction.
+//!
+//! A failed transaction is logged and counted (`ocserv_agent_store_writes_total{status="error"}`)
+//! and its writes are dropped: what is kept is a copy of what the actors hold in memory, so
+//! nothing in flight depends on it. What was queued when this actor crashes is lost the same way.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::actors::{Context, STATE_STORE};
+use crate::messages::StoreMsg;
+use crate::policy::Decision;
+use crate::store::DecisionRecord;
+
+pub struct StateStore;
+
+type Key = (String, String);
+
+pub struct StoreState {
+    ctx: Arc<Context>,
+    /// Decisions to write (`Some`) or forget (`None`), by key.
+    decisions: HashMap<Key, Option<(Decision, std::time::SystemTime)>>,
+    /// A transaction is under way.
+    flushing: bool,
+}
+
+impl StoreState {
+    /// Commits everything queued in one transaction on a blocking thread, unless one is under
+    /// way already (then this runs again when it reports).
+    fn flush(&mut self) {
+        if self.flushing || self.decisions.is_empty() {
+            return;
+        }
+        let mut put: Vec<DecisionRecord> = Vec::new();
+        let mut removed: Vec<Key> = Vec::new();
+        for ((user, group), value) in self.decisions.drain() {
+            match value {
+                Some((decision, at)) => put.push((user, group, decision, at)),
+                None => removed.push((user, group)),
+            }
+        }
+        self.flushing = true;
+        let ctx = self.ctx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = ctx.store.write_decisions(&put, &removed);
+            if let Err(e) = &result {
+                tracing::error!(error = %e, decisions = put.len() + removed.len(),
+                    "state store write failed; these decisions are not kept");
+            }
+            ctx.metrics.store_write("policy_decisions", result.is_ok());
+            if let Some(cell) = ractor::registry::where_is(STATE_STORE) {
+                let _ = cell.send_message(StoreMsg::Flushed);
+            }
+        });
+    }
+}
+
+impl Actor for StateStore {
+    type Msg = StoreMsg;
+    type State = StoreState;
+    type Arguments = Arc<Context>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        ctx: Arc<Context>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(StoreState {
+            ctx,
+            decisions: HashMap::new(),
+            flushing: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            StoreMsg::KeepDecision {
+                username,
+                groupname,
+                decision,
+                fetched_at,
+            } => {
+                state
+                    .decisions
+                    .insert((username, groupname), Some((decision, fetched_at)));
+            }
+            StoreMsg::ForgetDecision {
+                username,
+                groupname,
+            } => {
+                state.decisions.insert((username, groupname), None);
+            }
+            // From a task of this incarnation or of one before it: either way the store is free.
+            StoreMsg::Flushed => state.flushing = false,
+            StoreMsg::Crash => panic!("chaos: crash requested for {STATE_STORE}"),
+        }
+        state.flush();
+        Ok(())
+    }
+}

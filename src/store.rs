@@ -1,0 +1,425 @@
+//! The durable store (DESIGN §4): one redb file, [`FILE_NAME`], in `agent.state_dir`.
+//!
+//! Opened once at start, before any actor, and kept in the shared context: it outlives every
+//! actor (redb refuses a second open of one file, so a restarted `StateStore` goes on with the
+//! same database). A store that cannot be opened (the directory cannot be made, permissions, a
+//! corrupt or foreign file, another agent holding it) stops the start with [`EXIT_STORE`] and a
+//! message naming the file: the agent never starts on an empty store silently.
+//!
+//! Tables: `meta` (the schema version) and `policy_decisions` (the portal's decisions the
+//! policy cache holds, with their wall-clock fetch time, so that an agent restarted during a
+//! portal outage still honours `fail_mode = "stale"` for users it admitted before). Values are
+//! JSON of plain persisted types; what is read back is validated like outside input: an entry
+//! that does not parse is dropped and counted, never trusted.
+//!
+//! Every function here blocks on the disk (each commit is fsynced): call them from a blocking
+//! thread.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::policy::Decision;
+
+/// The store's file in `agent.state_dir`.
+pub const FILE_NAME: &str = "state.redb";
+
+/// Exit code when the store cannot be opened (`EX_IOERR`).
+pub const EXIT_STORE: i32 = 74;
+
+/// The layout this version writes; a file of another version is refused, never rewritten.
+const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DECISIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("policy_decisions");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("agent.state_dir: cannot create {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent.state_dir: cannot open the state store {path}: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("state store {path}: {reason}")]
+    Failed { path: PathBuf, reason: String },
+}
+
+/// A cached decision as it is kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct StoredDecision {
+    allowed: bool,
+    reason: Option<String>,
+    routes: Vec<String>,
+    no_routes: Vec<String>,
+    dns: Vec<String>,
+    /// When the portal answered, in milliseconds since the Unix epoch.
+    fetched_at_ms: u64,
+}
+
+impl StoredDecision {
+    fn of(d: &Decision, fetched_at: SystemTime) -> Self {
+        let strings = |v: &[_]| v.iter().map(ToString::to_string).collect();
+        Self {
+            allowed: d.allowed,
+            reason: d.reason.clone(),
+            routes: strings(&d.routes),
+            no_routes: strings(&d.no_routes),
+            dns: d.dns.iter().map(ToString::to_string).collect(),
+            fetched_at_ms: unix_ms(fetched_at),
+        }
+    }
+
+    /// The decision back, every address re-parsed; `None` when anything is off.
+    fn decision(&self) -> Option<(Decision, SystemTime)> {
+        let nets = |v: &[String]| v.iter().map(|s| s.parse().ok()).collect::<Option<Vec<_>>>();
+        let decision = Decision {
+            allowed: self.allowed,
+            reason: self.reason.clone(),
+            routes: nets(&self.routes)?,
+            no_routes: nets(&self.no_routes)?,
+            dns: self
+                .dns
+                .iter()
+                .map(|s| s.parse().ok())
+                .collect::<Option<Vec<_>>>()?,
+        };
+        Some((
+            decision,
+            UNIX_EPOCH + Duration::from_millis(self.fetched_at_ms),
+        ))
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// The key of one (username, groupname): unambiguous whatever the names hold.
+fn key(username: &str, groupname: &str) -> String {
+    serde_json::to_string(&(username, groupname)).unwrap_or_default()
+}
+
+fn unkey(key: &str) -> Option<(String, String)> {
+    serde_json::from_str(key).ok()
+}
+
+/// One decision to keep: the key, the decision and when the portal gave it.
+pub type DecisionRecord = (String, String, Decision, SystemTime);
+
+/// What [`Store::load_decisions`] found.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// Usable entries, newest first.
+    pub decisions: Vec<DecisionRecord>,
+    /// Entries dropped from the file: unreadable, past their use, or beyond the capacity.
+    pub dropped: usize,
+}
+
+/// The open store.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// The store file for `state_dir`.
+    pub fn path_in(state_dir: &Path) -> PathBuf {
+        state_dir.join(FILE_NAME)
+    }
+
+    /// Opens (or creates) the store in `state_dir`, creating the directory with mode 0700 when
+    /// it is missing.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        if !state_dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(state_dir)
+                .map_err(|source| StoreError::Dir {
+                    path: state_dir.to_path_buf(),
+                    source,
+                })?;
+        }
+        let path = Self::path_in(state_dir);
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(e) => {
+                return Err(StoreError::Open {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
+        };
+        let store = Store { db, path };
+        store.check_schema().map_err(|e| match e {
+            StoreError::Failed { path, reason } => StoreError::Open { path, reason },
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn failed(&self, reason: impl std::fmt::Display) -> StoreError {
+        StoreError::Failed {
+            path: self.path.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A new file gets this version's schema; an existing one must have it.
+    fn check_schema(&self) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.failed(e))?;
+        {
+            let mut meta = tx.open_table(META).map_err(|e| self.failed(e))?;
+            let found = meta
+                .get("schema_version")
+                .map_err(|e| self.failed(e))?
+                .map(|v| v.value());
+            match found {
+                Some(SCHEMA_VERSION) => {}
+                Some(other) => {
+                    return Err(self.failed(format!(
+                        "schema version {other}, this agent reads {SCHEMA_VERSION}"
+                    )))
+                }
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|e| self.failed(e))?;
+                }
+            }
+            tx.open_table(DECISIONS).map_err(|e| self.failed(e))?;
+        }
+        tx.commit().map_err(|e| self.failed(e))
+    }
+
+    /// Keeps `put` and forgets `removed`, in one transaction.
+    pub fn write_decisions(
+        &self,
+        put: &[DecisionRecord],
+        removed: &[(String, String)],
+    ) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.failed(e))?;
+        {
+            let mut table = tx.open_table(DECISIONS).map_err(|e| self.failed(e))?;
+            for (user, group, decision, at) in put {
+                let value = serde_json::to_vec(&StoredDecision::of(decision, *at))
+                    .map_err(|e| self.failed(e))?;
+                table
+                    .insert(key(user, group).as_str(), value.as_slice())
+                    .map_err(|e| self.failed(e))?;
+            }
+            for (user, group) in removed {
+                table
+                    .remove(key(user, group).as_str())
+                    .map_err(|e| self.failed(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.failed(e))
+    }
+
+    /// The kept decisions still `usable` (given the decision and its age at `now`), at most
+    /// `capacity` of them, newest first; every other entry is removed from the file in the same
+    /// transaction.
+    pub fn load_decisions(
+        &self,
+        now: SystemTime,
+        capacity: usize,
+        usable: impl Fn(&Decision, Duration) -> bool,
+    ) -> Result<Loaded, StoreError> {
+        let tx = self.db.begin_write().map_err(|e| self.failed(e))?;
+        let mut loaded = Loaded::default();
+        {
+            let mut table = tx.open_table(DECISIONS).map_err(|e| self.failed(e))?;
+            let mut keep = Vec::new();
+            let mut drop = Vec::new();
+            for item in table.iter().map_err(|e| self.failed(e))? {
+                let (k, v) = item.map_err(|e| self.failed(e))?;
+                let k = k.value().to_string();
+                let parsed = unkey(&k).zip(
+                    serde_json::from_slice::<StoredDecision>(v.value())
+                        .ok()
+                        .and_then(|s| s.decision()),
+                );
+                match parsed {
+                    Some(((user, group), (decision, at)))
+                        if usable(&decision, now.duration_since(at).unwrap_or_default()) =>
+                    {
+                        keep.push((k, (user, group, decision, at)))
+                    }
+                    _ => drop.push(k),
+                }
+            }
+            keep.sort_by_key(|k| std::cmp::Reverse(k.1 .3));
+            for (k, _) in keep.iter().skip(capacity) {
+                drop.push(k.clone());
+            }
+            keep.truncate(capacity);
+            for k in &drop {
+                table.remove(k.as_str()).map_err(|e| self.failed(e))?;
+            }
+            loaded.dropped = drop.len();
+            loaded.decisions = keep.into_iter().map(|(_, r)| r).collect();
+        }
+        tx.commit().map_err(|e| self.failed(e))?;
+        Ok(loaded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allow_with_routes() -> Decision {
+        Decision {
+            allowed: true,
+            routes: vec!["10.1.0.0/16".parse().unwrap()],
+            no_routes: vec!["10.1.2.0/24".parse().unwrap()],
+            dns: vec!["10.1.0.53".parse().unwrap(), "fd00::53".parse().unwrap()],
+            ..Decision::default()
+        }
+    }
+
+    fn any(_: &Decision, _: Duration) -> bool {
+        true
+    }
+
+    #[test]
+    fn decisions_survive_a_reopen_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let deny = Decision::deny("suspended".to_string());
+        {
+            let s = Store::open(&state).unwrap();
+            s.write_decisions(
+                &[
+                    ("alice".into(), "staff".into(), allow_with_routes(), at),
+                    ("bob".into(), String::new(), deny.clone(), at),
+                ],
+                &[],
+            )
+            .unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&state).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "the state directory is created 0700");
+        let s = Store::open(&state).unwrap();
+        let now = at + Duration::from_secs(5);
+        let got = s.load_decisions(now, 10, any).unwrap();
+        assert_eq!(got.dropped, 0);
+        let mut got = got.decisions;
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            got,
+            vec![
+                ("alice".into(), "staff".into(), allow_with_routes(), at),
+                ("bob".into(), String::new(), deny, at),
+            ]
+        );
+    }
+
+    #[test]
+    fn names_cannot_collide_in_keys() {
+        assert_ne!(key("a\0b", "c"), key("a", "b\0c"));
+        assert_ne!(key("ab", ""), key("a", "b"));
+        assert_eq!(unkey(&key("a\"b", "g")), Some(("a\"b".into(), "g".into())));
+    }
+
+    #[test]
+    fn loading_drops_what_is_unusable_unreadable_or_beyond_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let records: Vec<DecisionRecord> = (0..5)
+            .map(|i| {
+                let at = t0 + Duration::from_secs(i);
+                (format!("u{i}"), String::new(), Decision::allow(), at)
+            })
+            .collect();
+        s.write_decisions(&records, &[]).unwrap();
+        // A value that is not a decision, and one whose route does not parse.
+        let tx = s.db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(DECISIONS).unwrap();
+            t.insert(key("junk", "").as_str(), b"not json".as_slice())
+                .unwrap();
+            let mut bad = StoredDecision::of(&Decision::allow(), t0);
+            bad.routes = vec!["10.0.0.1/8\nroute = 0.0.0.0/0".into()];
+            let bad = serde_json::to_vec(&bad).unwrap();
+            t.insert(key("bad", "").as_str(), bad.as_slice()).unwrap();
+            t.insert("not a key", b"{}".as_slice()).unwrap();
+        }
+        tx.commit().unwrap();
+        // u0 is too old to use; of the rest, the capacity keeps the 3 newest.
+        let now = t0 + Duration::from_secs(10);
+        let usable = |_: &Decision, age: Duration| age < Duration::from_secs(10);
+        let got = s.load_decisions(now, 3, usable).unwrap();
+        let names: Vec<_> = got.decisions.iter().map(|r| r.0.as_str()).collect();
+        assert_eq!(names, ["u4", "u3", "u2"]);
+        assert_eq!(got.dropped, 5, "u0, u1, junk, bad and the bad key");
+        // They are gone from the file, not only skipped.
+        let again = s.load_decisions(now, 10, any).unwrap();
+        assert_eq!(again.decisions.len(), 3);
+        assert_eq!(again.dropped, 0);
+        s.write_decisions(&[], &[("u4".into(), String::new())])
+            .unwrap();
+        assert_eq!(s.load_decisions(now, 10, any).unwrap().decisions.len(), 2);
+    }
+
+    #[test]
+    fn an_unusable_store_is_refused_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // Not a redb file.
+        std::fs::write(dir.path().join(FILE_NAME), vec![0x5a; 8192]).unwrap();
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(e, StoreError::Open { .. }), "{e:?}");
+        assert!(e.to_string().contains(FILE_NAME), "{e}");
+        // The directory is a file.
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        let e = Store::open(&file.join("state")).unwrap_err();
+        assert!(
+            e.to_string().starts_with("agent.state_dir: cannot create"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_second_open_of_one_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(matches!(e, StoreError::Open { .. }), "{e:?}");
+    }
+
+    #[test]
+    fn another_schema_version_is_refused_not_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let tx = s.db.begin_write().unwrap();
+            tx.open_table(META)
+                .unwrap()
+                .insert("schema_version", 99)
+                .unwrap();
+            tx.commit().unwrap();
+        }
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("schema version 99"), "{e}");
+    }
+}

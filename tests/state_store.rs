@@ -1,0 +1,208 @@
+//! The durable state store with the real binary as a process: portal decisions outlive a
+//! SIGKILL of the agent (a user admitted before is admitted again from the stale entry while the
+//! portal stays down), and a store that cannot be opened stops the start with exit code 74,
+//! leaving the file as it was.
+//!
+//! Hermetic: every agent gets an empty configuration file and its sockets and state directory
+//! in a temporary directory (`support::agent::agent_cmd`); the fake ocserv and the portal double
+//! run in this process, on loopback and Unix sockets.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use ocserv_agent::hook_proto::HookResponse;
+use ocserv_agent::ocserv::fake::FakeOcserv;
+use ocserv_agent::policy::Source;
+use support::agent::{self, agent_cmd, wait_for};
+use support::hook;
+use support::portal::PortalDouble;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The agent as a process, deciding with the portal at `endpoint` (fail mode `stale`, a fresh
+/// lifetime of 1 s), its metrics on `metrics`.
+fn spawn_agent(dir: &Path, ocserv: &Path, endpoint: &str, metrics: u16) -> Child {
+    agent_cmd(dir, &["run"])
+        .env("OCSERV_AGENT__OCSERV__CONTROL_SOCKET", ocserv)
+        .env(
+            "OCSERV_AGENT__METRICS__LISTEN",
+            format!("127.0.0.1:{metrics}"),
+        )
+        .env("OCSERV_AGENT__POLICY__SOURCE", "portal")
+        .env("OCSERV_AGENT__POLICY__FAIL_MODE", "stale")
+        .env("OCSERV_AGENT__POLICY__ALLOW_TTL", "1s")
+        .env("OCSERV_AGENT__PORTAL__ENDPOINT", endpoint)
+        .env("OCSERV_AGENT__PORTAL__CALL_TIMEOUT", "300ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Asks the agent's hook socket about a connect of `user`, retrying while the socket is not
+/// there yet (the agent starting).
+async fn ask(socket: &Path, user: &str, id: u32) -> HookResponse {
+    let frame = hook::connect(user, "", id);
+    let socket = socket.to_path_buf();
+    wait_for(
+        &format!("an answer for {user}"),
+        Duration::from_secs(20),
+        || {
+            let (socket, frame) = (socket.clone(), frame.clone());
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    std::os::unix::net::UnixStream::connect(&socket)
+                        .ok()
+                        .and_then(|_| hook::exchange(&socket, &frame))
+                })
+                .await
+                .unwrap()
+            }
+        },
+    )
+    .await
+}
+
+async fn stored_writes(metrics: u16) -> f64 {
+    let addr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let (_, text) = agent::http_get(addr, "/metrics").await;
+    agent::metric(
+        &text,
+        "ocserv_agent_store_writes_total{table=\"policy_decisions\",status=\"ok\"}",
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_survives_sigkill_and_serves_as_stale_while_the_portal_stays_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOcserv::with_sessions(vec![]);
+    let portal = PortalDouble::start_plain().await;
+    let endpoint = portal.config().endpoint.expect("the double's endpoint");
+    let socket = dir.path().join("hook.sock");
+    let metrics = free_port();
+
+    let mut first = spawn_agent(dir.path(), fake.socket(), &endpoint, metrics);
+    let fresh = ask(&socket, "ana", 1).await;
+    assert_eq!((fresh.allowed, fresh.source), (true, Some(Source::Fresh)));
+    assert_eq!(portal.calls("ana"), 1);
+    wait_for(
+        "ana's decision in the store",
+        Duration::from_secs(10),
+        || async { (stored_writes(metrics).await >= 1.0).then_some(()) },
+    )
+    .await;
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+
+    // The portal goes down and stays down; the agent starts again on the same state directory.
+    portal.stop().await;
+    let mut second = spawn_agent(dir.path(), fake.socket(), &endpoint, metrics);
+    let started = Instant::now();
+    let again = ask(&socket, "ana", 2).await;
+    // Fresh for 1 s after the portal's answer; by now (a process start later) usually stale.
+    assert!(again.allowed, "admitted from the kept decision: {again:?}");
+    assert!(
+        matches!(again.source, Some(Source::Stale | Source::Cached)),
+        "{again:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100).saturating_sub(started.elapsed())).await;
+    let stale = ask(&socket, "ana", 3).await;
+    assert_eq!((stale.allowed, stale.source), (true, Some(Source::Stale)));
+    let never_seen = ask(&socket, "noor", 4).await;
+    assert_eq!(
+        (never_seen.allowed, never_seen.source),
+        (false, Some(Source::FailClosed)),
+        "a user never admitted is denied"
+    );
+    assert_eq!(
+        portal.calls("ana"),
+        1,
+        "the portal was down: no call reached it"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
+
+/// Runs the agent on `state_dir` and returns its exit status and stderr.
+fn run_with_state_dir(dir: &Path, state_dir: &Path) -> (Option<i32>, String) {
+    let fake = FakeOcserv::with_sessions(vec![]);
+    let out = agent_cmd(dir, &["run"])
+        .env("OCSERV_AGENT__OCSERV__CONTROL_SOCKET", fake.socket())
+        .env("OCSERV_AGENT__METRICS__LISTEN", "127.0.0.1:0")
+        .env("OCSERV_AGENT__AGENT__STATE_DIR", state_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `check-config`'s line about the store.
+fn check_config_says(dir: &Path, state_dir: &Path) -> String {
+    let out = agent_cmd(dir, &["check-config"])
+        .env("OCSERV_AGENT__AGENT__STATE_DIR", state_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find(|l| l.starts_with("# state store: "))
+        .unwrap_or_else(|| panic!("no state store line:\n{text}"))
+        .to_owned()
+}
+
+#[test]
+fn a_store_that_cannot_be_opened_stops_the_start_with_code_74_and_is_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let file = state.join("state.redb");
+    assert_eq!(
+        check_config_says(dir.path(), &state),
+        format!(
+            "# state store: {} (created at the first start)",
+            file.display()
+        )
+    );
+    // A file that is not a store (corruption, or something else at the path).
+    std::fs::create_dir(&state).unwrap();
+    let junk = vec![0x5a_u8; 16 * 1024];
+    std::fs::write(&file, &junk).unwrap();
+    let (code, stderr) = run_with_state_dir(dir.path(), &state);
+    assert_eq!(code, Some(74), "{stderr}");
+    assert!(
+        stderr.contains("agent.state_dir: cannot open the state store")
+            && stderr.contains(&file.display().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        junk,
+        "never replaced by an empty store"
+    );
+    assert_eq!(
+        check_config_says(dir.path(), &state),
+        format!("# state store: {} (exists)", file.display())
+    );
+    assert!(!dir.path().join("agent.sock").exists(), "nothing started");
+
+    // A state directory that cannot be created.
+    let blocker = dir.path().join("plain-file");
+    std::fs::write(&blocker, "x").unwrap();
+    let (code, stderr) = run_with_state_dir(dir.path(), &blocker.join("state"));
+    assert_eq!(code, Some(74), "{stderr}");
+    assert!(
+        stderr.contains("agent.state_dir: cannot create"),
+        "{stderr}"
+    );
+}
