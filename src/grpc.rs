@@ -225,6 +225,69 @@ pub fn ctl_status(e: CtlError) -> Status {
     }
 }
 
+/// Who made a request: the peer's uid and pid on a Unix socket, or its address over TCP.
+pub fn caller(peer: Option<&Peer>) -> String {
+    match peer {
+        Some(Peer {
+            uid: Some(uid),
+            pid,
+            ..
+        }) => match pid {
+            Some(pid) => format!("uid {uid} pid {pid}"),
+            None => format!("uid {uid}"),
+        },
+        Some(Peer {
+            addr: Some(addr), ..
+        }) => format!("tcp {addr}"),
+        _ => "unknown".to_string(),
+    }
+}
+
+/// Records a management action in the log and, through the `StateStore`, in the durable audit
+/// log: when, who, what with which arguments, and the result (`ok` describes a success).
+pub fn audit<T>(
+    ctx: &Context,
+    action: &str,
+    peer: Option<&Peer>,
+    args: &[(&str, String)],
+    result: &Result<T, Status>,
+    ok: impl FnOnce(&T) -> String,
+) {
+    let record = crate::store::AuditRecord {
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        caller: caller(peer),
+        action: action.to_string(),
+        args: args
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        result: match result {
+            Ok(r) => ok(r),
+            Err(s) => format!(
+                "error {}: {}",
+                crate::metrics::code_name(s.code()),
+                s.message()
+            ),
+        },
+    };
+    tracing::info!(action, caller = %record.caller, args = ?record.args, result = %record.result,
+        "management action");
+    match ractor::registry::where_is(crate::actors::STATE_STORE) {
+        Some(store) => {
+            let _ = store.send_message(crate::messages::StoreMsg::Audit(record));
+        }
+        None => {
+            tracing::error!(
+                action,
+                "state store not running; audit record only in the log"
+            );
+            ctx.metrics.store_write("audit", false);
+        }
+    }
+}
+
 fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
@@ -424,9 +487,31 @@ impl VpnAgentService for VpnAgent {
         request: Request<pb::DisconnectUserRequest>,
     ) -> Result<Response<pb::DisconnectUserResponse>, Status> {
         let peer = request.extensions().get::<Peer>().cloned();
-        self.disconnect_user_inner(peer, request.into_inner())
-            .await
-            .map(Response::new)
+        let req = request.into_inner();
+        let args = [
+            ("username", req.username.clone()),
+            ("reason", req.reason.clone()),
+            (
+                "disconnect_all_sessions",
+                req.disconnect_all_sessions.to_string(),
+            ),
+        ];
+        let result = self.disconnect_user_inner(peer.clone(), req).await;
+        audit(
+            &self.ctx,
+            "DisconnectUser",
+            peer.as_ref(),
+            &args,
+            &result,
+            |r| match r.error_message.is_empty() {
+                true => format!("ok: {} session(s) disconnected", r.sessions_disconnected),
+                false => format!(
+                    "ok: {} session(s) disconnected; {}",
+                    r.sessions_disconnected, r.error_message
+                ),
+            },
+        );
+        result.map(Response::new)
     }
 
     async fn update_user_routes(

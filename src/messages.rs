@@ -347,6 +347,8 @@ pub enum StoreMsg {
         username: String,
         groupname: String,
     },
+    /// Append a management action to the audit log.
+    Audit(crate::store::AuditRecord),
     /// A transaction finished (sent by its task to whichever incarnation runs now).
     Flushed,
     Crash,

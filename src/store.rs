@@ -6,11 +6,12 @@
 //! corrupt or foreign file, another agent holding it) stops the start with [`EXIT_STORE`] and a
 //! message naming the file: the agent never starts on an empty store silently.
 //!
-//! Tables: `meta` (the schema version) and `policy_decisions` (the portal's decisions the
-//! policy cache holds, with their wall-clock fetch time, so that an agent restarted during a
-//! portal outage still honours `fail_mode = "stale"` for users it admitted before). Values are
-//! JSON of plain persisted types; what is read back is validated like outside input: an entry
-//! that does not parse is dropped and counted, never trusted.
+//! Tables: `meta` (the schema version); `policy_decisions` (the portal's decisions the policy
+//! cache holds, with their wall-clock fetch time, so that an agent restarted during a portal
+//! outage still honours `fail_mode = "stale"` for users it admitted before); `audit` (every
+//! management action: when, who, what, with which arguments, and the result; the newest
+//! [`AUDIT_KEEP`] are kept). Values are JSON of plain persisted types; what is read back is
+//! validated like outside input: an entry that does not parse is dropped, never trusted.
 //!
 //! Every function here blocks on the disk (each commit is fsynced): call them from a blocking
 //! thread.
@@ -34,6 +35,42 @@ const SCHEMA_VERSION: u64 = 1;
 
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DECISIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("policy_decisions");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// How many audit records are kept: older ones are removed as new ones are added.
+pub const AUDIT_KEEP: u64 = 100_000;
+
+/// One management action, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// When the action was answered, in milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who asked: the peer's uid and pid on the control socket, or its address over TCP.
+    pub caller: String,
+    /// The RPC, e.g. `DisconnectUser`.
+    pub action: String,
+    /// The request's fields.
+    pub args: std::collections::BTreeMap<String, String>,
+    /// `ok: ...` with what was done, or `error CODE: message`.
+    pub result: String,
+}
+
+/// What one transaction writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Decisions to keep.
+    pub decisions: Vec<DecisionRecord>,
+    /// Decisions to forget, by (username, groupname).
+    pub forget: Vec<(String, String)>,
+    /// Audit records to append, oldest first.
+    pub audit: Vec<AuditRecord>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.decisions.is_empty() && self.forget.is_empty() && self.audit.is_empty()
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -124,6 +161,8 @@ pub struct Loaded {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    /// [`AUDIT_KEEP`] (smaller in tests).
+    audit_keep: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -162,7 +201,11 @@ impl Store {
                 })
             }
         };
-        let store = Store { db, path };
+        let store = Store {
+            db,
+            path,
+            audit_keep: AUDIT_KEEP,
+        };
         store.check_schema().map_err(|e| match e {
             StoreError::Failed { path, reason } => StoreError::Open { path, reason },
             other => other,
@@ -203,33 +246,66 @@ impl Store {
                 }
             }
             tx.open_table(DECISIONS).map_err(|e| self.failed(e))?;
+            tx.open_table(AUDIT).map_err(|e| self.failed(e))?;
         }
         tx.commit().map_err(|e| self.failed(e))
     }
 
-    /// Keeps `put` and forgets `removed`, in one transaction.
-    pub fn write_decisions(
-        &self,
-        put: &[DecisionRecord],
-        removed: &[(String, String)],
-    ) -> Result<(), StoreError> {
+    /// Writes `batch` in one transaction (all of it or nothing).
+    pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(|e| self.failed(e))?;
         {
             let mut table = tx.open_table(DECISIONS).map_err(|e| self.failed(e))?;
-            for (user, group, decision, at) in put {
+            for (user, group, decision, at) in &batch.decisions {
                 let value = serde_json::to_vec(&StoredDecision::of(decision, *at))
                     .map_err(|e| self.failed(e))?;
                 table
                     .insert(key(user, group).as_str(), value.as_slice())
                     .map_err(|e| self.failed(e))?;
             }
-            for (user, group) in removed {
+            for (user, group) in &batch.forget {
                 table
                     .remove(key(user, group).as_str())
                     .map_err(|e| self.failed(e))?;
             }
         }
+        if !batch.audit.is_empty() {
+            let mut table = tx.open_table(AUDIT).map_err(|e| self.failed(e))?;
+            let last = table
+                .last()
+                .map_err(|e| self.failed(e))?
+                .map_or(0, |(k, _)| k.value());
+            let mut next = last;
+            for record in &batch.audit {
+                next += 1;
+                let value = serde_json::to_vec(record).map_err(|e| self.failed(e))?;
+                table
+                    .insert(next, value.as_slice())
+                    .map_err(|e| self.failed(e))?;
+            }
+            if next > self.audit_keep {
+                table
+                    .retain_in(..=next - self.audit_keep, |_, _| false)
+                    .map_err(|e| self.failed(e))?;
+            }
+        }
         tx.commit().map_err(|e| self.failed(e))
+    }
+
+    /// The newest `limit` audit records with their sequence numbers, oldest first.
+    pub fn audit(&self, limit: usize) -> Result<Vec<(u64, AuditRecord)>, StoreError> {
+        use redb::ReadableDatabase;
+        let tx = self.db.begin_read().map_err(|e| self.failed(e))?;
+        let table = tx.open_table(AUDIT).map_err(|e| self.failed(e))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| self.failed(e))?.rev().take(limit) {
+            let (k, v) = item.map_err(|e| self.failed(e))?;
+            if let Ok(record) = serde_json::from_slice(v.value()) {
+                out.push((k.value(), record));
+            }
+        }
+        out.reverse();
+        Ok(out)
     }
 
     /// The kept decisions still `usable` (given the decision and its age at `now`), at most
@@ -306,13 +382,13 @@ mod tests {
         let deny = Decision::deny("suspended".to_string());
         {
             let s = Store::open(&state).unwrap();
-            s.write_decisions(
-                &[
+            s.commit(&Batch {
+                decisions: vec![
                     ("alice".into(), "staff".into(), allow_with_routes(), at),
                     ("bob".into(), String::new(), deny.clone(), at),
                 ],
-                &[],
-            )
+                ..Batch::default()
+            })
             .unwrap();
         }
         use std::os::unix::fs::PermissionsExt;
@@ -351,7 +427,11 @@ mod tests {
                 (format!("u{i}"), String::new(), Decision::allow(), at)
             })
             .collect();
-        s.write_decisions(&records, &[]).unwrap();
+        s.commit(&Batch {
+            decisions: records,
+            ..Batch::default()
+        })
+        .unwrap();
         // A value that is not a decision, and one whose route does not parse.
         let tx = s.db.begin_write().unwrap();
         {
@@ -376,8 +456,11 @@ mod tests {
         let again = s.load_decisions(now, 10, any).unwrap();
         assert_eq!(again.decisions.len(), 3);
         assert_eq!(again.dropped, 0);
-        s.write_decisions(&[], &[("u4".into(), String::new())])
-            .unwrap();
+        s.commit(&Batch {
+            forget: vec![("u4".into(), String::new())],
+            ..Batch::default()
+        })
+        .unwrap();
         assert_eq!(s.load_decisions(now, 10, any).unwrap().decisions.len(), 2);
     }
 
@@ -421,5 +504,56 @@ mod tests {
         }
         let e = Store::open(dir.path()).unwrap_err();
         assert!(e.to_string().contains("schema version 99"), "{e}");
+    }
+    fn record(i: u64) -> AuditRecord {
+        AuditRecord {
+            at_ms: 1_700_000_000_000 + i,
+            caller: "uid 0 pid 42".into(),
+            action: "DisconnectUser".into(),
+            args: [("username".to_string(), format!("u{i}"))].into(),
+            result: "ok: 1 session".into(),
+        }
+    }
+
+    #[test]
+    fn audit_records_are_appended_in_order_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.commit(&Batch {
+                audit: vec![record(1), record(2)],
+                ..Batch::default()
+            })
+            .unwrap();
+            s.commit(&Batch {
+                audit: vec![record(3)],
+                ..Batch::default()
+            })
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let all = s.audit(10).unwrap();
+        assert_eq!(
+            all,
+            vec![(1, record(1)), (2, record(2)), (3, record(3))],
+            "sequence numbers continue across transactions"
+        );
+        assert_eq!(s.audit(2).unwrap(), vec![(2, record(2)), (3, record(3))]);
+    }
+
+    #[test]
+    fn only_the_newest_audit_records_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path()).unwrap();
+        s.audit_keep = 3;
+        for i in 1..=5 {
+            s.commit(&Batch {
+                audit: vec![record(i)],
+                ..Batch::default()
+            })
+            .unwrap();
+        }
+        let kept: Vec<u64> = s.audit(100).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(kept, [3, 4, 5]);
     }
 }

@@ -206,3 +206,69 @@ fn a_store_that_cannot_be_opened_stops_the_start_with_code_74_and_is_left_alone(
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_disconnect_user_call_is_in_the_audit_log_with_its_caller_and_result() {
+    use ocserv_agent::ocserv::fake;
+    use ocserv_agent::proto::agent::v1::DisconnectUserRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let ocserv = FakeOcserv::with_sessions(vec![fake::session(0, "lo")]);
+    let mut cfg = ocserv_agent::config::load_with_env(None, &[])
+        .expect("embedded defaults are valid")
+        .config;
+    cfg.ocserv.control_socket = ocserv.socket().to_path_buf();
+    cfg.grpc.socket = dir.path().join("agent.sock");
+    cfg.hook.socket = dir.path().join("hook.sock");
+    cfg.agent.state_dir = dir.path().join("state");
+    cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
+    let a = agent::start(cfg).await;
+    let mut c = agent::client(&a).await;
+    let user = fake::username(0);
+    let kicked = c
+        .disconnect_user(DisconnectUserRequest {
+            username: user.clone(),
+            reason: "audit test".into(),
+            disconnect_all_sessions: true,
+        })
+        .await
+        .expect("disconnected")
+        .into_inner();
+    assert_eq!(kicked.sessions_disconnected, 1);
+    for bad in ["nobody", "../etc"] {
+        let e = c
+            .disconnect_user(DisconnectUserRequest {
+                username: bad.into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_ne!(e.code(), tonic::Code::Ok);
+    }
+    let records = wait_for("three audit records", Duration::from_secs(10), || {
+        let got = a.ctx.store.audit(10).unwrap();
+        async move { (got.len() == 3).then_some(got) }
+    })
+    .await;
+    let caller = format!("uid 0 pid {}", std::process::id());
+    for (_, r) in &records {
+        assert_eq!(r.action, "DisconnectUser");
+        assert_eq!(r.caller, caller);
+        assert!(r.at_ms > 1_700_000_000_000, "{r:?}");
+    }
+    let (first, second, third) = (&records[0].1, &records[1].1, &records[2].1);
+    assert_eq!(first.args["username"], user);
+    assert_eq!(first.args["reason"], "audit test");
+    assert_eq!(first.args["disconnect_all_sessions"], "true");
+    assert_eq!(first.result, "ok: 1 session(s) disconnected");
+    assert_eq!(second.args["username"], "nobody");
+    assert!(second.result.starts_with("error NOT_FOUND: "), "{second:?}");
+    assert_eq!(third.args["username"], "../etc");
+    assert!(
+        third.result.starts_with("error INVALID_ARGUMENT: username"),
+        "{third:?}"
+    );
+    assert!(records
+        .windows(2)
+        .all(|w| w[0].0 < w[1].0 && w[0].1.at_ms <= w[1].1.at_ms));
+    a.shutdown().await;
+}

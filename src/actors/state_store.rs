@@ -7,11 +7,15 @@
 //! blocking thread, one transaction at a time. The task reports back with
 //! [`StoreMsg::Flushed`]; then whatever queued meanwhile goes in the next transaction.
 //!
+//! Audit records queue in order, at most [`MAX_QUEUED_AUDIT`] (beyond it the oldest queued are
+//! dropped, logged and counted: only a disk that stalls for minutes gets there).
+//!
 //! A failed transaction is logged and counted (`ocserv_agent_store_writes_total{status="error"}`)
-//! and its writes are dropped: what is kept is a copy of what the actors hold in memory, so
-//! nothing in flight depends on it. What was queued when this actor crashes is lost the same way.
+//! and its writes are dropped: the decisions kept are a copy of what the cache holds in memory,
+//! and the audit records are also in the log. What was queued when this actor crashes is lost
+//! the same way.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -19,7 +23,10 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use crate::actors::{Context, STATE_STORE};
 use crate::messages::StoreMsg;
 use crate::policy::Decision;
-use crate::store::DecisionRecord;
+use crate::store::{AuditRecord, Batch};
+
+/// Audit records waiting for a transaction, at most.
+pub const MAX_QUEUED_AUDIT: usize = 10_000;
 
 pub struct StateStore;
 
@@ -29,6 +36,8 @@ pub struct StoreState {
     ctx: Arc<Context>,
     /// Decisions to write (`Some`) or forget (`None`), by key.
     decisions: HashMap<Key, Option<(Decision, std::time::SystemTime)>>,
+    /// Audit records to append, oldest first.
+    audit: VecDeque<AuditRecord>,
     /// A transaction is under way.
     flushing: bool,
 }
@@ -37,26 +46,33 @@ impl StoreState {
     /// Commits everything queued in one transaction on a blocking thread, unless one is under
     /// way already (then this runs again when it reports).
     fn flush(&mut self) {
-        if self.flushing || self.decisions.is_empty() {
+        if self.flushing || (self.decisions.is_empty() && self.audit.is_empty()) {
             return;
         }
-        let mut put: Vec<DecisionRecord> = Vec::new();
-        let mut removed: Vec<Key> = Vec::new();
+        let mut batch = Batch {
+            audit: self.audit.drain(..).collect(),
+            ..Batch::default()
+        };
         for ((user, group), value) in self.decisions.drain() {
             match value {
-                Some((decision, at)) => put.push((user, group, decision, at)),
-                None => removed.push((user, group)),
+                Some((decision, at)) => batch.decisions.push((user, group, decision, at)),
+                None => batch.forget.push((user, group)),
             }
         }
         self.flushing = true;
         let ctx = self.ctx.clone();
         tokio::task::spawn_blocking(move || {
-            let result = ctx.store.write_decisions(&put, &removed);
+            let result = ctx.store.commit(&batch);
             if let Err(e) = &result {
-                tracing::error!(error = %e, decisions = put.len() + removed.len(),
-                    "state store write failed; these decisions are not kept");
+                tracing::error!(error = %e, decisions = batch.decisions.len() + batch.forget.len(),
+                    audit = batch.audit.len(), "state store write failed; this batch is not kept");
             }
-            ctx.metrics.store_write("policy_decisions", result.is_ok());
+            if !batch.decisions.is_empty() || !batch.forget.is_empty() {
+                ctx.metrics.store_write("policy_decisions", result.is_ok());
+            }
+            if !batch.audit.is_empty() {
+                ctx.metrics.store_write("audit", result.is_ok());
+            }
             if let Some(cell) = ractor::registry::where_is(STATE_STORE) {
                 let _ = cell.send_message(StoreMsg::Flushed);
             }
@@ -77,6 +93,7 @@ impl Actor for StateStore {
         Ok(StoreState {
             ctx,
             decisions: HashMap::new(),
+            audit: VecDeque::new(),
             flushing: false,
         })
     }
@@ -103,6 +120,17 @@ impl Actor for StateStore {
                 groupname,
             } => {
                 state.decisions.insert((username, groupname), None);
+            }
+            StoreMsg::Audit(record) => {
+                if state.audit.len() >= MAX_QUEUED_AUDIT {
+                    let lost = state.audit.pop_front();
+                    tracing::error!(
+                        ?lost,
+                        "audit queue full (the store is not keeping up); oldest record dropped"
+                    );
+                    state.ctx.metrics.store_write("audit", false);
+                }
+                state.audit.push_back(record);
             }
             // From a task of this incarnation or of one before it: either way the store is free.
             StoreMsg::Flushed => state.flushing = false,
