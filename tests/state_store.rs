@@ -272,3 +272,73 @@ async fn every_disconnect_user_call_is_in_the_audit_log_with_its_caller_and_resu
         .all(|w| w[0].0 < w[1].0 && w[0].1.at_ms <= w[1].1.at_ms));
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_survives_sigkill_during_writes() {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeOcserv::with_sessions(vec![]);
+    let portal = PortalDouble::start_plain().await;
+    let endpoint = portal.config().endpoint.expect("the double's endpoint");
+    let socket = dir.path().join("hook.sock");
+    let metrics = free_port();
+    let asked = Arc::new(AtomicU32::new(0));
+    const ROUNDS: u32 = 12;
+    for round in 0..ROUNDS {
+        let mut child = spawn_agent(dir.path(), fake.socket(), &endpoint, metrics);
+        // The store opened (else the agent would have exited 74 and never answered).
+        let first = ask(&socket, &format!("r{round}"), 1).await;
+        assert!(first.allowed, "round {round}: {first:?}");
+        // A storm of new users: every answer is a decision written to the store.
+        let stop = Arc::new(AtomicBool::new(false));
+        let storm: Vec<_> = (0..3)
+            .map(|t| {
+                let (stop, asked, socket) = (stop.clone(), asked.clone(), socket.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = asked.fetch_add(1, Ordering::Relaxed);
+                        let frame = hook::connect(&format!("s{t}-{n}"), "", n);
+                        if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                            let _ = std::panic::catch_unwind(|| hook::exchange(&socket, &frame));
+                        }
+                    }
+                })
+            })
+            .collect();
+        wait_for("writes under way", Duration::from_secs(10), || async {
+            (stored_writes(metrics).await >= 2.0).then_some(())
+        })
+        .await;
+        // Kill at a different moment of the write cycle each round.
+        tokio::time::sleep(Duration::from_millis(u64::from(round * 37 % 150))).await;
+        child.kill().unwrap(); // SIGKILL, writes in flight
+        child.wait().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        for t in storm {
+            t.join().unwrap();
+        }
+    }
+    assert!(
+        asked.load(Ordering::Relaxed) > 100,
+        "the storm asked too little"
+    );
+    // The file opens, and every entry in it reads back as a decision.
+    let store = ocserv_agent::store::Store::open(&dir.path().join("state")).expect("store opens");
+    let loaded = store
+        .load_decisions(std::time::SystemTime::now(), usize::MAX, |_, _| true)
+        .expect("readable");
+    assert_eq!(loaded.dropped, 0, "no unreadable entry");
+    assert!(
+        loaded.decisions.len() >= ROUNDS as usize,
+        "each round's first decision was kept before the kill: {}",
+        loaded.decisions.len()
+    );
+    for round in 0..ROUNDS {
+        let name = format!("r{round}");
+        assert!(
+            loaded.decisions.iter().any(|d| d.0 == name),
+            "{name} was written before its round's kill"
+        );
+    }
+}
