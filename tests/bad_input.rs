@@ -12,7 +12,7 @@ use ocserv_agent::ocserv::fake::{Act, FakeOcserv};
 use ocserv_agent::ocserv::OcservBackend;
 use support::agent;
 
-use support::agent::agent_cmd;
+use support::agent::{agent_cmd, free_port};
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     let dir = tempfile::tempdir().unwrap();
@@ -31,14 +31,6 @@ fn config_file(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
     f.write_all(text.as_bytes()).unwrap();
     f
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

@@ -16,17 +16,9 @@ use std::time::{Duration, Instant};
 use ocserv_agent::hook_proto::HookResponse;
 use ocserv_agent::ocserv::fake::FakeOcserv;
 use ocserv_agent::policy::Source;
-use support::agent::{self, agent_cmd, wait_for};
+use support::agent::{self, agent_cmd, free_port, wait_for};
 use support::hook;
 use support::portal::PortalDouble;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// The agent as a process, deciding with the portal at `endpoint` (fail mode `stale`, a fresh
 /// lifetime of 1 s), its metrics on `metrics`.
@@ -46,6 +38,34 @@ fn spawn_agent(dir: &Path, ocserv: &Path, endpoint: &str, metrics: u16) -> Child
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// A temporary directory for the agent, a fake ocserv, the portal double and where the agent
+/// will answer.
+struct Setup {
+    dir: tempfile::TempDir,
+    fake: FakeOcserv,
+    portal: PortalDouble,
+    endpoint: String,
+    /// The agent's hook socket.
+    socket: std::path::PathBuf,
+    /// The agent's metrics port.
+    metrics: u16,
+}
+
+impl Setup {
+    async fn new() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let portal = PortalDouble::start_plain().await;
+        Setup {
+            fake: FakeOcserv::with_sessions(vec![]),
+            endpoint: portal.config().endpoint.expect("the double's endpoint"),
+            socket: dir.path().join("hook.sock"),
+            metrics: free_port(),
+            portal,
+            dir,
+        }
+    }
 }
 
 /// Asks the agent's hook socket about a connect of `user`, retrying while the socket is not
@@ -84,12 +104,14 @@ async fn stored_writes(metrics: u16) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_survives_sigkill_and_serves_as_stale_while_the_portal_stays_down() {
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeOcserv::with_sessions(vec![]);
-    let portal = PortalDouble::start_plain().await;
-    let endpoint = portal.config().endpoint.expect("the double's endpoint");
-    let socket = dir.path().join("hook.sock");
-    let metrics = free_port();
+    let Setup {
+        dir,
+        fake,
+        portal,
+        endpoint,
+        socket,
+        metrics,
+    } = Setup::new().await;
 
     let mut first = spawn_agent(dir.path(), fake.socket(), &endpoint, metrics);
     let fresh = ask(&socket, "ana", 1).await;
@@ -277,12 +299,14 @@ async fn every_disconnect_user_call_is_in_the_audit_log_with_its_caller_and_resu
 async fn the_store_survives_sigkill_during_writes() {
     use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
     use std::sync::Arc;
-    let dir = tempfile::tempdir().unwrap();
-    let fake = FakeOcserv::with_sessions(vec![]);
-    let portal = PortalDouble::start_plain().await;
-    let endpoint = portal.config().endpoint.expect("the double's endpoint");
-    let socket = dir.path().join("hook.sock");
-    let metrics = free_port();
+    let Setup {
+        dir,
+        fake,
+        portal: _portal,
+        endpoint,
+        socket,
+        metrics,
+    } = Setup::new().await;
     let asked = Arc::new(AtomicU32::new(0));
     const ROUNDS: u32 = 12;
     for round in 0..ROUNDS {

@@ -42,6 +42,15 @@ pub async fn client(agent: &Agent) -> VpnAgentServiceClient<Channel> {
     socket_client(&agent.grpc_socket).await
 }
 
+/// A loopback TCP port free at the time of the call (for an agent started as a process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `agent.v1.AgentService/HealthCheck` of `tier`, on the agent's control socket.
 pub async fn health(
     agent: &Agent,
