@@ -109,12 +109,21 @@ pub enum RegistryMsg {
     /// Sessions the agent just disconnected, by full identity: dropped at once, and kept out
     /// of any reconcile whose fetch started before this notice.
     Forget(Vec<SessionKey>),
-    /// A disconnect or host-update reported by ocserv's script through the hook.
+    /// A connect the agent admitted, or a disconnect or host-update, reported by ocserv's
+    /// script through the hook.
     HookEvent(HookEvent),
+    /// What ocserv showed for a session pending since its connect was admitted (`None`: not
+    /// listed, or ocserv could not answer).
+    PendingChecked {
+        id: u32,
+        username: String,
+        seen: Option<Box<Session>>,
+    },
     Crash,
 }
 
-/// What ocserv's disconnect or host-update script reported (through the hook program).
+/// What ocserv's connect (admitted), disconnect or host-update script reported (through the
+/// hook program).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookEvent {
     pub reason: crate::hook_proto::Reason,

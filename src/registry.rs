@@ -165,6 +165,146 @@ impl SessionTable {
         }
         removed
     }
+
+    /// Puts one session as ocserv just showed it into the table (between reconciles): added when
+    /// its ID is new or now names another session (the old one replaced), updated when it is the
+    /// same session. Returns true when it was added.
+    pub fn upsert(&mut self, mut s: Session) -> bool {
+        let added = match self.by_id.get(&s.id) {
+            Some(old) if same_session(old, &s) => {
+                if s.counters.is_none() {
+                    s.counters = old.counters;
+                }
+                if s.safe_id.is_none() {
+                    s.safe_id = old.safe_id.clone();
+                }
+                if **old == s {
+                    return false;
+                }
+                false
+            }
+            _ => true,
+        };
+        self.by_id.insert(s.id, Arc::new(s));
+        self.changed();
+        added
+    }
+}
+
+/// How long a session the connect hook admitted may take to show as connected in ocserv before
+/// the registry stops waiting for it (ocserv's own `auth-timeout` is of this order).
+pub const PENDING_FOR: Duration = Duration::from_secs(30);
+
+/// Delays before each ocserv check of a pending session; the last repeats until
+/// [`PENDING_FOR`]. The first comes right after the hook's answer lets ocserv finish the connect.
+pub const CONFIRM_AFTER: [Duration; 4] = [
+    Duration::from_millis(200),
+    Duration::from_millis(500),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// Sessions waiting for confirmation, at most: beyond it (a login storm larger than ocserv's
+/// usual `max-clients`) sessions are found by the next reconcile instead.
+pub const MAX_PENDING: usize = 4096;
+
+/// Sessions the connect hook admitted and ocserv does not show as connected yet, by ID.
+#[derive(Debug, Default)]
+pub struct Pending {
+    by_id: BTreeMap<u32, PendingSession>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PendingSession {
+    username: String,
+    since: Instant,
+    checks: usize,
+}
+
+/// What to do after ocserv was asked about a pending session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// ocserv shows it connected: it is live now.
+    Confirmed,
+    /// Not yet: ask again after this delay.
+    Again(Duration),
+    /// Never became connected within [`PENDING_FOR`]: forgotten.
+    GaveUp,
+    /// Not pending (already confirmed by a reconcile, or its ID now pending for another user).
+    NotPending,
+}
+
+impl Pending {
+    /// Records a session the connect hook admitted (replacing one pending under the same ID: IDs
+    /// are recycled PIDs). False when [`MAX_PENDING`] are pending already.
+    pub fn admit(&mut self, id: u32, username: &str, now: Instant) -> bool {
+        if self.by_id.len() >= MAX_PENDING && !self.by_id.contains_key(&id) {
+            return false;
+        }
+        self.by_id.insert(
+            id,
+            PendingSession {
+                username: username.to_owned(),
+                since: now,
+                checks: 0,
+            },
+        );
+        true
+    }
+
+    /// Applies what ocserv showed for pending `id` of `username` (`None`: not listed, or
+    /// ocserv could not answer).
+    pub fn check(
+        &mut self,
+        id: u32,
+        username: &str,
+        seen: Option<&Session>,
+        now: Instant,
+    ) -> Check {
+        let Some(p) = self.by_id.get_mut(&id).filter(|p| p.username == username) else {
+            return Check::NotPending;
+        };
+        let live = seen.is_some_and(|s| {
+            s.id == id
+                && s.username == username
+                && s.state == crate::ocserv::SessionState::Connected
+        });
+        if live {
+            self.by_id.remove(&id);
+            return Check::Confirmed;
+        }
+        if now.saturating_duration_since(p.since) >= PENDING_FOR {
+            self.by_id.remove(&id);
+            return Check::GaveUp;
+        }
+        p.checks += 1;
+        Check::Again(CONFIRM_AFTER[p.checks.min(CONFIRM_AFTER.len() - 1)])
+    }
+
+    /// Removes the pending sessions that a session list shows connected; returns how many.
+    pub fn confirm_listed<'a>(&mut self, sessions: impl IntoIterator<Item = &'a Session>) -> usize {
+        let before = self.by_id.len();
+        for s in sessions {
+            let live = s.state == crate::ocserv::SessionState::Connected;
+            if live
+                && self
+                    .by_id
+                    .get(&s.id)
+                    .is_some_and(|p| p.username == s.username)
+            {
+                self.by_id.remove(&s.id);
+            }
+        }
+        before - self.by_id.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
 }
 
 /// A session that ended, as its disconnect script reported it: the final counters and duration
@@ -343,6 +483,84 @@ pub(crate) mod tests {
     use super::*;
     use crate::ocserv::{ByteCounters, SessionState};
     use proptest::prelude::*;
+
+    #[test]
+    fn a_pending_session_is_confirmed_retried_or_given_up() {
+        let t0 = Instant::now();
+        let mut p = Pending::default();
+        assert!(p.admit(7, "ann", t0));
+        let mut early = session(7, "ann", 100);
+        early.state = SessionState::AuthFailed;
+        // Still in the script's "auth failed" state, then not listed: ask again, backing off.
+        assert_eq!(
+            p.check(7, "ann", Some(&early), t0),
+            Check::Again(CONFIRM_AFTER[1])
+        );
+        assert_eq!(p.check(7, "ann", None, t0), Check::Again(CONFIRM_AFTER[2]));
+        assert_eq!(p.check(7, "ann", None, t0), Check::Again(CONFIRM_AFTER[3]));
+        assert_eq!(p.check(7, "ann", None, t0), Check::Again(CONFIRM_AFTER[3]));
+        // Another user under the same (recycled) ID is not ann's session.
+        assert_eq!(
+            p.check(7, "ann", Some(&session(7, "bob", 100)), t0),
+            Check::Again(CONFIRM_AFTER[3])
+        );
+        assert_eq!(
+            p.check(7, "bob", Some(&session(7, "bob", 100)), t0),
+            Check::NotPending
+        );
+        assert_eq!(
+            p.check(7, "ann", Some(&session(7, "ann", 100)), t0),
+            Check::Confirmed
+        );
+        assert!(p.is_empty());
+        assert_eq!(p.check(7, "ann", None, t0), Check::NotPending);
+
+        assert!(p.admit(8, "cy", t0));
+        assert_eq!(p.check(8, "cy", None, t0 + PENDING_FOR), Check::GaveUp);
+        assert!(p.is_empty());
+    }
+
+    #[test]
+    fn pending_sessions_are_bounded_and_confirmed_by_a_list() {
+        let t0 = Instant::now();
+        let mut p = Pending::default();
+        for id in 0..MAX_PENDING as u32 {
+            assert!(p.admit(id, "u", t0));
+        }
+        assert!(!p.admit(u32::MAX, "u", t0), "full");
+        assert!(p.admit(3, "v", t0), "a recycled ID replaces its entry");
+        let mut not_yet = session(4, "u", 1);
+        not_yet.state = SessionState::AuthFailed;
+        let listed = [
+            session(1, "u", 1),
+            session(2, "other", 1),
+            session(3, "v", 1),
+            not_yet,
+        ];
+        assert_eq!(p.confirm_listed(&listed), 2, "1 and 3");
+        assert_eq!(p.len(), MAX_PENDING - 2);
+    }
+
+    #[test]
+    fn upsert_adds_replaces_or_updates_one_session() {
+        let mut t = SessionTable::default();
+        let v0 = t.version();
+        assert!(t.upsert(session(5, "ann", 100)));
+        assert_ne!(t.version(), v0);
+        let v1 = t.version();
+        assert!(!t.upsert(session(5, "ann", 100)), "the same session");
+        assert_eq!(t.version(), v1, "unchanged: same version");
+        let mut later = session(5, "ann", 100);
+        later.state = SessionState::AuthFailed;
+        assert!(!t.upsert(later));
+        assert_eq!(t.get(5).unwrap().state, SessionState::AuthFailed);
+        assert!(
+            t.upsert(session(5, "bob", 200)),
+            "a recycled ID is a new session"
+        );
+        assert_eq!(t.get(5).unwrap().username, "bob");
+        assert_eq!(t.len(), 1);
+    }
 
     pub(crate) fn session(id: u32, user: &str, at: u64) -> Session {
         Session {

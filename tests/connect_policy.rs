@@ -523,3 +523,45 @@ fn policy_test_prints_the_decision_its_source_and_the_file_without_touching_anyt
         "nothing was written"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admitted_session_is_listed_at_once_not_at_the_next_reconcile() {
+    let users = [LabUser::new("ida", "pw-ida"), LabUser::new("jon", "pw-jon")];
+    let lab = hook::lab(&users, HOOK);
+    let mut cfg = agent::config_for(&lab, BackendKind::Native);
+    cfg.hook.socket = hook::socket(&lab);
+    // No reconcile during the test after the first one at start.
+    cfg.ocserv.reconcile_interval = Duration::from_secs(60);
+    cfg.local_policy.path = Some(write_policy(
+        &lab,
+        "default = \"allow\"\n[users.jon]\nallow = false\nreason = \"not today\"\n",
+    ));
+    let a = agent::start(cfg).await;
+    let mut c = agent::client(&a).await;
+    assert!(agent::sessions(&mut c, "").await.unwrap().is_empty());
+
+    let ida = lab.connect("ida", "pw-ida").expect("ida is admitted");
+    // Confirmed with ocserv right after the hook's answer: listed within seconds, not at the
+    // next reconcile a minute away.
+    let listed = wait_for("ida listed", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let s = agent::sessions(&mut c, "ida").await.ok()?;
+            (s.len() == 1).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(
+        listed[0].session_id,
+        agent::ocserv_ids(&lab)[0].to_string(),
+        "the session ocserv lists"
+    );
+    assert_eq!(listed[0].vpn_ip, ida.vpn_ip().unwrap().to_string());
+
+    // A denied connect never enters the table.
+    assert!(lab.connect("jon", "pw-jon").is_err());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(agent::sessions(&mut c, "jon").await.unwrap().is_empty());
+    assert_eq!(agent::sessions(&mut c, "").await.unwrap().len(), 1);
+    a.shutdown().await;
+}

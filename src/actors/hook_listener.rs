@@ -161,7 +161,18 @@ async fn answer(
                 verdict.source.as_str(),
                 started.elapsed(),
             );
-            if !verdict.decision.allowed {
+            if verdict.decision.allowed {
+                // The session is pending until ocserv shows it connected.
+                report(HookEvent {
+                    reason: Reason::Connect,
+                    id: request.session_id,
+                    username: request.username.clone(),
+                    bytes_in: None,
+                    bytes_out: None,
+                    duration: None,
+                    at: SystemTime::now(),
+                });
+            } else {
                 tracing::info!(user = %request.username, group = %request.groupname,
                     id = request.session_id, source = verdict.source.as_str(),
                     reason = ?verdict.decision.reason, "connect denied");
@@ -178,9 +189,7 @@ async fn answer(
                 duration: request.stats_duration.map(Duration::from_secs),
                 at: SystemTime::now(),
             };
-            if let Some(registry) = ractor::registry::where_is(super::SESSION_REGISTRY) {
-                let _ = registry.send_message(RegistryMsg::HookEvent(event));
-            }
+            report(event);
             // Not a decision: the report is taken (`allowed`), with no policy source.
             ctx.metrics
                 .hook_decision(request.reason.as_str(), "allow", "none", started.elapsed());
@@ -191,6 +200,14 @@ async fn answer(
                 source: None,
             }
         }
+    }
+}
+
+/// Tells the `SessionRegistry` what a script reported (fire and forget: a registry that is
+/// restarting finds admitted sessions at its first reconcile).
+fn report(event: HookEvent) {
+    if let Some(registry) = ractor::registry::where_is(super::SESSION_REGISTRY) {
+        let _ = registry.send_message(RegistryMsg::HookEvent(event));
     }
 }
 

@@ -13,6 +13,11 @@
 //! a view older than [`crate::health::STALE_AFTER`] intervals; the sessions gauge is then cleared
 //! rather than left claiming a number nobody has seen.
 //!
+//! A connect the hook admitted makes the session *pending*: ocserv is asked about that one
+//! session ([`CONFIRM_AFTER`] after the answer, then backing off) until it shows it connected,
+//! so it enters the table within about a second rather than at the next reconcile; one that
+//! never does is dropped after [`crate::registry::PENDING_FOR`] (the plain rule: [`Pending`]).
+//!
 //! Restart: the table is not kept across a crash; `pre_start` rebuilds it with one reconcile
 //! against ocserv (the source of truth) before the first query is answered.
 
@@ -28,7 +33,8 @@ use crate::messages::{
 };
 use crate::ocserv::Session;
 use crate::registry::{
-    AfterFetch, EndedSession, Forgotten, ReconcileDiff, SessionTable, SyncState, MAX_ENDED,
+    AfterFetch, Check, EndedSession, Forgotten, Pending, ReconcileDiff, SessionTable, SyncState,
+    CONFIRM_AFTER, MAX_ENDED,
 };
 
 pub struct SessionRegistry;
@@ -45,6 +51,8 @@ pub struct RegistryState {
     pending: Vec<Waiter>,
     /// Sessions whose disconnect script reported their end, newest last (bounded).
     ended: std::collections::VecDeque<EndedSession>,
+    /// Sessions the connect hook admitted that ocserv does not show connected yet.
+    admitted: Pending,
     _ticker: Option<AbortOnDrop>,
 }
 
@@ -76,6 +84,7 @@ impl RegistryState {
         let outcome = match result {
             Ok(fresh) => {
                 let fresh = self.forgotten.filter(fresh, fetch);
+                self.admitted.confirm_listed(&fresh);
                 let ReconcileDiff { opened, closed, .. } = self.table.reconcile(fresh);
                 for s in &closed {
                     tracing::info!(session = %s.key(), "session closed");
@@ -137,11 +146,65 @@ impl RegistryState {
         });
     }
 
-    /// A disconnect ends the session it names (final counters kept in `ended`); a host-update
+    /// Asks ocserv about pending session `id` after `delay`, in a task of its own; the answer
+    /// comes back as `PendingChecked`.
+    fn check_pending(
+        &self,
+        myself: &ActorRef<RegistryMsg>,
+        id: u32,
+        username: String,
+        delay: Duration,
+    ) {
+        let ctx = self.ctx.clone();
+        let me = myself.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let cfg = ctx.config();
+            let timeout = cfg.ocserv.request_timeout + cfg.supervisor.call_timeout;
+            let seen = match call(OCSERV_CTL, timeout, true, |r| CtlMsg::IdInfo(id, r)).await {
+                Ok(Ok(s)) => s.map(Box::new),
+                _ => None,
+            };
+            let _ = me.send_message(RegistryMsg::PendingChecked { id, username, seen });
+        });
+    }
+
+    fn on_pending_checked(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        id: u32,
+        username: String,
+        seen: Option<Box<Session>>,
+    ) {
+        match self
+            .admitted
+            .check(id, &username, seen.as_deref(), Instant::now())
+        {
+            Check::Confirmed => {
+                if let Some(s) = seen {
+                    if self.table.upsert(*s) {
+                        tracing::info!(id, user = %username, "session opened (confirmed after its connect)");
+                    }
+                    self.publish_gauge();
+                }
+            }
+            Check::Again(delay) => self.check_pending(myself, id, username, delay),
+            Check::GaveUp => tracing::warn!(id, user = %username,
+                "an admitted session never showed as connected in ocserv; no longer waiting for it"),
+            Check::NotPending => {}
+        }
+    }
+
+    /// An admitted connect makes its session pending (confirmed with ocserv shortly); a
+    /// disconnect ends the session it names (final counters kept in `ended`); a host-update
     /// (new addresses after DTLS) asks ocserv again at once.
     fn on_hook_event(&mut self, myself: &ActorRef<RegistryMsg>, e: HookEvent) {
         match e.reason {
-            Reason::Connect => {}
+            Reason::Connect => {
+                if self.admitted.admit(e.id, &e.username, Instant::now()) {
+                    self.check_pending(myself, e.id, e.username, CONFIRM_AFTER[0]);
+                }
+            }
             Reason::HostUpdate => self.start_fetch(myself, None),
             Reason::Disconnect => {
                 let now =
@@ -217,6 +280,7 @@ impl Actor for SessionRegistry {
             last_error: None,
             pending: Vec::new(),
             ended: Default::default(),
+            admitted: Pending::default(),
             _ticker: None,
         };
         state.arm_tick(&myself, interval);
@@ -269,6 +333,9 @@ impl Actor for SessionRegistry {
                 state.publish_gauge();
             }
             RegistryMsg::HookEvent(event) => state.on_hook_event(&myself, event),
+            RegistryMsg::PendingChecked { id, username, seen } => {
+                state.on_pending_checked(&myself, id, username, seen)
+            }
             RegistryMsg::Crash => {
                 panic!("chaos: crash requested for {}", super::SESSION_REGISTRY)
             }
