@@ -15,8 +15,8 @@
 //!
 //! A connect the hook admitted makes the session *pending*: ocserv is asked about that one
 //! session ([`CONFIRM_AFTER`] after the answer, then backing off) until it shows it connected,
-//! so it enters the table within about a second rather than at the next reconcile; one that
-//! never does is dropped after [`crate::registry::PENDING_FOR`] (the plain rule: [`Pending`]).
+//! so it enters the table within about a second rather than at the next reconcile; one still not
+//! connected after the last check is left to the reconcile (the plain rule: [`Pending`]).
 //!
 //! Restart: the table is not kept across a crash; `pre_start` rebuilds it with one reconcile
 //! against ocserv (the source of truth) before the first query is answered.
@@ -176,10 +176,7 @@ impl RegistryState {
         username: String,
         seen: Option<Box<Session>>,
     ) {
-        match self
-            .admitted
-            .check(id, &username, seen.as_deref(), Instant::now())
-        {
+        match self.admitted.check(id, &username, seen.as_deref()) {
             Check::Confirmed => {
                 if let Some(s) = seen {
                     if self.table.upsert(*s) {
@@ -189,8 +186,8 @@ impl RegistryState {
                 }
             }
             Check::Again(delay) => self.check_pending(myself, id, username, delay),
-            Check::GaveUp => tracing::warn!(id, user = %username,
-                "an admitted session never showed as connected in ocserv; no longer waiting for it"),
+            Check::GaveUp => tracing::info!(id, user = %username,
+                "an admitted session is not connected in ocserv yet; left to the next reconcile"),
             Check::NotPending => {}
         }
     }
@@ -201,7 +198,7 @@ impl RegistryState {
     fn on_hook_event(&mut self, myself: &ActorRef<RegistryMsg>, e: HookEvent) {
         match e.reason {
             Reason::Connect => {
-                if self.admitted.admit(e.id, &e.username, Instant::now()) {
+                if self.admitted.admit(e.id, &e.username) {
                     self.check_pending(myself, e.id, e.username, CONFIRM_AFTER[0]);
                 }
             }
