@@ -165,17 +165,15 @@ fn restore_decisions(ctx: &Context) -> Result<(), StoreError> {
     let mut cache = ctx.policy_store();
     let mut restored = 0usize;
     // Oldest first, so the newest end up the most recently used.
-    for (user, group, decision, at) in loaded.decisions.into_iter().rev() {
-        let age = wall.duration_since(at).unwrap_or_default();
+    for kept in loaded.decisions.into_iter().rev() {
+        let age = wall.duration_since(kept.fetched_at).unwrap_or_default();
         if let Some(fetched_at) = now.checked_sub(age) {
-            cache.insert(
-                &user,
-                &group,
-                Entry {
-                    decision,
-                    fetched_at,
-                },
-            );
+            let entry = Entry {
+                decision: kept.decision,
+                should_disconnect: kept.should_disconnect,
+                fetched_at,
+            };
+            cache.insert(&kept.username, &kept.groupname, entry);
             restored += 1;
         }
     }

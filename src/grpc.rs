@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::actors::{call, CallError, Context, SESSION_REGISTRY};
 use crate::grpc_edge::{EncodedReply, ReplyPermit};
 use crate::messages::{CtlMsg, RegistryMsg, SessionsView};
+use crate::metrics::DisconnectReason;
 use crate::ocserv::{counters, ByteCounters, CtlError, DisconnectOutcome, Session, SessionKey};
 use crate::proto::agent::v1 as pb;
 use crate::proto::agent::v1::vpn_agent_service_server::VpnAgentService;
@@ -90,9 +91,9 @@ pub fn encode_sessions(sessions: &[Arc<Session>], stats: bool) -> EncodedReply {
 const KICK_MEMORY: Duration = Duration::from_secs(60);
 
 enum KickEntry {
-    /// Being disconnected; the sender says `true` when done (dropped on failure).
-    InProgress(SessionKey, watch::Receiver<bool>),
-    Done(SessionKey, Instant),
+    /// Being disconnected, and why; the sender says `true` when done (dropped on failure).
+    InProgress(SessionKey, DisconnectReason, watch::Receiver<bool>),
+    Done(SessionKey, DisconnectReason, Instant),
 }
 
 /// Sessions being (or just) disconnected by the agent. Lives in the shared context, outside any
@@ -106,6 +107,7 @@ pub struct Kicks {
 pub struct Claim<'a> {
     kicks: &'a Kicks,
     key: SessionKey,
+    reason: DisconnectReason,
     done: watch::Sender<bool>,
 }
 
@@ -118,24 +120,42 @@ pub enum Claimed<'a> {
 }
 
 impl Kicks {
-    /// Claims `key` for disconnection. While another caller is disconnecting the same session,
-    /// waits (until `deadline`) for its outcome: done → [`Claimed::Taken`]; failed → claim again.
-    pub async fn claim(&self, key: &SessionKey, deadline: Instant) -> Option<Claimed<'_>> {
+    /// Why the agent is disconnecting (or recently disconnected) the session `key`, if it is.
+    pub fn reason_of(&self, key: &SessionKey) -> Option<DisconnectReason> {
+        let map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&key.id)? {
+            KickEntry::InProgress(k, reason, _) | KickEntry::Done(k, reason, _) if k == key => {
+                Some(*reason)
+            }
+            _ => None,
+        }
+    }
+
+    /// Claims `key` for disconnection for `reason`. While another caller is disconnecting the
+    /// same session, waits (until `deadline`) for its outcome: done → [`Claimed::Taken`];
+    /// failed → claim again.
+    pub async fn claim(
+        &self,
+        key: &SessionKey,
+        reason: DisconnectReason,
+        deadline: Instant,
+    ) -> Option<Claimed<'_>> {
         loop {
             let mut wait = {
                 let mut map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
                 map.retain(
-                    |_, e| !matches!(e, KickEntry::Done(_, at) if at.elapsed() > KICK_MEMORY),
+                    |_, e| !matches!(e, KickEntry::Done(_, _, at) if at.elapsed() > KICK_MEMORY),
                 );
                 match map.get(&key.id) {
-                    Some(KickEntry::Done(k, _)) if k == key => return Some(Claimed::Taken),
-                    Some(KickEntry::InProgress(k, rx)) if k == key => rx.clone(),
+                    Some(KickEntry::Done(k, _, _)) if k == key => return Some(Claimed::Taken),
+                    Some(KickEntry::InProgress(k, _, rx)) if k == key => rx.clone(),
                     _ => {
                         let (tx, rx) = watch::channel(false);
-                        map.insert(key.id, KickEntry::InProgress(key.clone(), rx));
+                        map.insert(key.id, KickEntry::InProgress(key.clone(), reason, rx));
                         return Some(Claimed::Mine(Claim {
                             kicks: self,
                             key: key.clone(),
+                            reason,
                             done: tx,
                         }));
                     }
@@ -162,10 +182,10 @@ impl Claim<'_> {
         if disconnected {
             map.insert(
                 self.key.id,
-                KickEntry::Done(self.key.clone(), Instant::now()),
+                KickEntry::Done(self.key.clone(), self.reason, Instant::now()),
             );
             let _ = self.done.send(true);
-        } else if matches!(map.get(&self.key.id), Some(KickEntry::InProgress(k, _)) if *k == self.key)
+        } else if matches!(map.get(&self.key.id), Some(KickEntry::InProgress(k, _, _)) if *k == self.key)
         {
             map.remove(&self.key.id);
         }
@@ -361,10 +381,15 @@ pub struct Kicked {
 /// Disconnects each session by its full identity (re-checked by ocserv in the same step) before
 /// `deadline`. Concurrent kicks of one session count once ([`Kicks`]): a session another caller
 /// is kicking is neither done nor an error here. The registry is told to forget what was done.
-pub async fn kick_sessions(ctx: &Context, targets: &[SessionKey], deadline: Instant) -> Kicked {
+pub async fn kick_sessions(
+    ctx: &Context,
+    targets: &[SessionKey],
+    reason: DisconnectReason,
+    deadline: Instant,
+) -> Kicked {
     let mut out = Kicked::default();
     for key in targets {
-        let claim = match ctx.kicks.claim(key, deadline).await {
+        let claim = match ctx.kicks.claim(key, reason, deadline).await {
             Some(Claimed::Mine(c)) => c,
             // Another caller disconnected it: not ours to count.
             Some(Claimed::Taken) => continue,
@@ -614,7 +639,7 @@ impl VpnAgent {
             done,
             mut errors,
             not_attempted,
-        } = kick_sessions(&self.ctx, &targets, deadline).await;
+        } = kick_sessions(&self.ctx, &targets, DisconnectReason::AdminForced, deadline).await;
         if not_attempted > 0 {
             errors.push(format!(
                 "{not_attempted} session(s) not attempted within grpc.request_timeout ({})",
@@ -695,43 +720,54 @@ mod tests {
         }
     }
 
+    const ADMIN: DisconnectReason = DisconnectReason::AdminForced;
+
     #[tokio::test]
     async fn a_kick_is_claimed_once_and_a_failed_one_is_retried() {
         let kicks = Arc::new(Kicks::default());
         let key = session(7, "a", 10).key();
-        let Some(Claimed::Mine(first)) = kicks.claim(&key, far()).await else {
+        let Some(Claimed::Mine(first)) = kicks.claim(&key, ADMIN, far()).await else {
             panic!("first caller claims")
         };
         // A concurrent caller waits for the outcome.
         let k2 = kicks.clone();
         let key2 = key.clone();
-        let waiter =
-            tokio::spawn(
-                async move { matches!(k2.claim(&key2, far()).await, Some(Claimed::Taken)) },
-            );
+        let waiter = tokio::spawn(async move {
+            matches!(k2.claim(&key2, ADMIN, far()).await, Some(Claimed::Taken))
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            kicks.reason_of(&key),
+            Some(ADMIN),
+            "known while in progress"
+        );
         first.finish(true);
         assert!(
             waiter.await.unwrap(),
             "the second caller is told it was taken"
         );
+        assert_eq!(kicks.reason_of(&key), Some(ADMIN), "and once done");
         // Later callers too, while the kick is remembered.
         assert!(matches!(
-            kicks.claim(&key, far()).await,
+            kicks.claim(&key, ADMIN, far()).await,
             Some(Claimed::Taken)
         ));
         // A new session under the recycled ID is a different claim.
         let other = session(7, "b", 99).key();
-        let Some(Claimed::Mine(c)) = kicks.claim(&other, far()).await else {
+        assert_eq!(
+            kicks.reason_of(&other),
+            None,
+            "another session under the same ID"
+        );
+        let Some(Claimed::Mine(c)) = kicks.claim(&other, ADMIN, far()).await else {
             panic!("a recycled ID is not the kicked session")
         };
         // A failed kick lets a waiting caller try itself.
         let k3 = kicks.clone();
         let o2 = other.clone();
-        let retry =
-            tokio::spawn(
-                async move { matches!(k3.claim(&o2, far()).await, Some(Claimed::Mine(_))) },
-            );
+        let retry = tokio::spawn(async move {
+            matches!(k3.claim(&o2, ADMIN, far()).await, Some(Claimed::Mine(_)))
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
         c.finish(false);
         assert!(retry.await.unwrap());
@@ -741,9 +777,9 @@ mod tests {
     async fn a_claim_waits_no_longer_than_the_deadline() {
         let kicks = Kicks::default();
         let key = session(1, "a", 1).key();
-        let _held = kicks.claim(&key, far()).await;
+        let _held = kicks.claim(&key, ADMIN, far()).await;
         let soon = Instant::now() + Duration::from_millis(30);
-        assert!(kicks.claim(&key, soon).await.is_none());
+        assert!(kicks.claim(&key, ADMIN, soon).await.is_none());
     }
 
     #[test]

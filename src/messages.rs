@@ -344,13 +344,8 @@ pub enum WriterMsg {
 /// together in one transaction on a blocking thread, one transaction at a time.
 #[derive(Debug)]
 pub enum StoreMsg {
-    /// Keep the portal's decision for (username, groupname), given at `fetched_at`.
-    KeepDecision {
-        username: String,
-        groupname: String,
-        decision: crate::policy::Decision,
-        fetched_at: std::time::SystemTime,
-    },
+    /// Keep a portal decision (replacing the one kept for its username and groupname).
+    KeepDecision(crate::store::KeptDecision),
     /// Forget the decision for (username, groupname).
     ForgetDecision {
         username: String,

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::ocserv::ServerStatus;
+pub use crate::proto::vpn::v1::DisconnectReason;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CommandStatus {
@@ -102,6 +103,11 @@ pub struct StatusLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableStatus {
     pub table: &'static str,
     pub status: &'static str,
@@ -138,6 +144,7 @@ pub struct Metrics {
     pub ocserv_bytes_out: Counter<u64, AtomicU64>,
     pub ocserv_banned_ips: Gauge,
     pub ocserv_auth_failures: Counter<u64, AtomicU64>,
+    pub ocserv_disconnects: Family<ReasonLabel, Counter>,
     pub hook_decisions: Family<HookDecisionLabels, Counter>,
     pub hook_decision_duration: Histogram,
     pub hook_requests_refused: Family<CauseLabel, Counter>,
@@ -149,6 +156,21 @@ pub struct Metrics {
     pub config_writes: Family<KindStatus, Counter>,
     pub local_policy_reloads: Family<StatusLabel, Counter>,
     pub store_writes: Family<TableStatus, Counter>,
+}
+
+/// The `reason` label of a disconnect: the proto name without its prefix, lowercase.
+pub fn reason_label(reason: DisconnectReason) -> &'static str {
+    match reason {
+        DisconnectReason::Unspecified => "unspecified",
+        DisconnectReason::UserInitiated => "user_initiated",
+        DisconnectReason::AdminForced => "admin_forced",
+        DisconnectReason::IdleTimeout => "idle_timeout",
+        DisconnectReason::SessionLimit => "session_limit",
+        DisconnectReason::CertificateRevoked => "certificate_revoked",
+        DisconnectReason::PolicyViolation => "policy_violation",
+        DisconnectReason::ServerShutdown => "server_shutdown",
+        DisconnectReason::ConnectionError => "connection_error",
+    }
 }
 
 impl Default for Metrics {
@@ -333,6 +355,13 @@ impl Metrics {
             "Authentication failures since ocserv started",
             ocserv_auth_failures.clone(),
         );
+        let ocserv_disconnects = Family::<ReasonLabel, Counter>::default();
+        ocserv.register(
+            "disconnect",
+            "Sessions that ended, by reason (the DisconnectReason reported to the portal, \
+             lowercase: admin_forced, policy_violation, unspecified, ...)",
+            ocserv_disconnects.clone(),
+        );
         Self {
             registry: root,
             active_sessions: m_active,
@@ -350,6 +379,7 @@ impl Metrics {
             ocserv_bytes_out,
             ocserv_banned_ips,
             ocserv_auth_failures,
+            ocserv_disconnects,
             hook_decisions,
             hook_decision_duration,
             hook_requests_refused,
@@ -511,6 +541,15 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts one session that ended, with its reason.
+    pub fn session_ended(&self, reason: DisconnectReason) {
+        self.ocserv_disconnects
+            .get_or_create(&ReasonLabel {
+                reason: reason_label(reason),
+            })
+            .inc();
+    }
+
     /// Counts one transaction of the durable store on `table`.
     pub fn store_write(&self, table: &'static str, ok: bool) {
         let status = if ok { "ok" } else { "error" };

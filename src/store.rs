@@ -59,7 +59,7 @@ pub struct AuditRecord {
 #[derive(Debug, Default)]
 pub struct Batch {
     /// Decisions to keep.
-    pub decisions: Vec<DecisionRecord>,
+    pub decisions: Vec<KeptDecision>,
     /// Decisions to forget, by (username, groupname).
     pub forget: Vec<(String, String)>,
     /// Audit records to append, oldest first.
@@ -93,12 +93,15 @@ struct StoredDecision {
     routes: Vec<String>,
     no_routes: Vec<String>,
     dns: Vec<String>,
+    #[serde(default)]
+    should_disconnect: bool,
     /// When the portal answered, in milliseconds since the Unix epoch.
     fetched_at_ms: u64,
 }
 
 impl StoredDecision {
-    fn of(d: &Decision, fetched_at: SystemTime) -> Self {
+    fn of(k: &KeptDecision) -> Self {
+        let d = &k.decision;
         let strings = |v: &[_]| v.iter().map(ToString::to_string).collect();
         Self {
             allowed: d.allowed,
@@ -106,12 +109,14 @@ impl StoredDecision {
             routes: strings(&d.routes),
             no_routes: strings(&d.no_routes),
             dns: d.dns.iter().map(ToString::to_string).collect(),
-            fetched_at_ms: unix_ms(fetched_at),
+            should_disconnect: k.should_disconnect,
+            fetched_at_ms: unix_ms(k.fetched_at),
         }
     }
 
-    /// The decision back, every address re-parsed; `None` when anything is off.
-    fn decision(&self) -> Option<(Decision, SystemTime)> {
+    /// The decision of (username, groupname) back, every address re-parsed; `None` when
+    /// anything is off.
+    fn kept(&self, username: String, groupname: String) -> Option<KeptDecision> {
         let nets = |v: &[String]| v.iter().map(|s| s.parse().ok()).collect::<Option<Vec<_>>>();
         let decision = Decision {
             allowed: self.allowed,
@@ -124,10 +129,13 @@ impl StoredDecision {
                 .map(|s| s.parse().ok())
                 .collect::<Option<Vec<_>>>()?,
         };
-        Some((
+        Some(KeptDecision {
+            username,
+            groupname,
             decision,
-            UNIX_EPOCH + Duration::from_millis(self.fetched_at_ms),
-        ))
+            should_disconnect: self.should_disconnect,
+            fetched_at: UNIX_EPOCH + Duration::from_millis(self.fetched_at_ms),
+        })
     }
 }
 
@@ -145,14 +153,23 @@ fn unkey(key: &str) -> Option<(String, String)> {
     serde_json::from_str(key).ok()
 }
 
-/// One decision to keep: the key, the decision and when the portal gave it.
-pub type DecisionRecord = (String, String, Decision, SystemTime);
+/// One portal decision kept in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptDecision {
+    pub username: String,
+    pub groupname: String,
+    pub decision: Decision,
+    /// The answer's `should_disconnect`.
+    pub should_disconnect: bool,
+    /// When the portal gave it.
+    pub fetched_at: SystemTime,
+}
 
 /// What [`Store::load_decisions`] found.
 #[derive(Debug, Default)]
 pub struct Loaded {
     /// Usable entries, newest first.
-    pub decisions: Vec<DecisionRecord>,
+    pub decisions: Vec<KeptDecision>,
     /// Entries dropped from the file: unreadable, past their use, or beyond the capacity.
     pub dropped: usize,
 }
@@ -256,11 +273,14 @@ impl Store {
         let tx = self.db.begin_write().map_err(|e| self.failed(e))?;
         {
             let mut table = tx.open_table(DECISIONS).map_err(|e| self.failed(e))?;
-            for (user, group, decision, at) in &batch.decisions {
-                let value = serde_json::to_vec(&StoredDecision::of(decision, *at))
-                    .map_err(|e| self.failed(e))?;
+            for kept in &batch.decisions {
+                let value =
+                    serde_json::to_vec(&StoredDecision::of(kept)).map_err(|e| self.failed(e))?;
                 table
-                    .insert(key(user, group).as_str(), value.as_slice())
+                    .insert(
+                        key(&kept.username, &kept.groupname).as_str(),
+                        value.as_slice(),
+                    )
                     .map_err(|e| self.failed(e))?;
             }
             for (user, group) in &batch.forget {
@@ -326,21 +346,24 @@ impl Store {
             for item in table.iter().map_err(|e| self.failed(e))? {
                 let (k, v) = item.map_err(|e| self.failed(e))?;
                 let k = k.value().to_string();
-                let parsed = unkey(&k).zip(
+                let parsed = unkey(&k).and_then(|(user, group)| {
                     serde_json::from_slice::<StoredDecision>(v.value())
                         .ok()
-                        .and_then(|s| s.decision()),
-                );
+                        .and_then(|s| s.kept(user, group))
+                });
                 match parsed {
-                    Some(((user, group), (decision, at)))
-                        if usable(&decision, now.duration_since(at).unwrap_or_default()) =>
+                    Some(kept)
+                        if usable(
+                            &kept.decision,
+                            now.duration_since(kept.fetched_at).unwrap_or_default(),
+                        ) =>
                     {
-                        keep.push((k, (user, group, decision, at)))
+                        keep.push((k, kept))
                     }
                     _ => drop.push(k),
                 }
             }
-            keep.sort_by_key(|k| std::cmp::Reverse(k.1 .3));
+            keep.sort_by_key(|(_, kept)| std::cmp::Reverse(kept.fetched_at));
             for (k, _) in keep.iter().skip(capacity) {
                 drop.push(k.clone());
             }
@@ -374,6 +397,22 @@ mod tests {
         true
     }
 
+    fn kept(
+        user: &str,
+        group: &str,
+        decision: Decision,
+        should_disconnect: bool,
+        fetched_at: SystemTime,
+    ) -> KeptDecision {
+        KeptDecision {
+            username: user.into(),
+            groupname: group.into(),
+            decision,
+            should_disconnect,
+            fetched_at,
+        }
+    }
+
     #[test]
     fn decisions_survive_a_reopen_exactly() {
         let dir = tempfile::tempdir().unwrap();
@@ -384,8 +423,8 @@ mod tests {
             let s = Store::open(&state).unwrap();
             s.commit(&Batch {
                 decisions: vec![
-                    ("alice".into(), "staff".into(), allow_with_routes(), at),
-                    ("bob".into(), String::new(), deny.clone(), at),
+                    kept("alice", "staff", allow_with_routes(), true, at),
+                    kept("bob", "", deny.clone(), false, at),
                 ],
                 ..Batch::default()
             })
@@ -399,12 +438,12 @@ mod tests {
         let got = s.load_decisions(now, 10, any).unwrap();
         assert_eq!(got.dropped, 0);
         let mut got = got.decisions;
-        got.sort_by(|a, b| a.0.cmp(&b.0));
+        got.sort_by(|a, b| a.username.cmp(&b.username));
         assert_eq!(
             got,
             vec![
-                ("alice".into(), "staff".into(), allow_with_routes(), at),
-                ("bob".into(), String::new(), deny, at),
+                kept("alice", "staff", allow_with_routes(), true, at),
+                kept("bob", "", deny, false, at),
             ]
         );
     }
@@ -421,10 +460,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let t0 = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let records: Vec<DecisionRecord> = (0..5)
+        let records: Vec<KeptDecision> = (0..5)
             .map(|i| {
                 let at = t0 + Duration::from_secs(i);
-                (format!("u{i}"), String::new(), Decision::allow(), at)
+                kept(&format!("u{i}"), "", Decision::allow(), false, at)
             })
             .collect();
         s.commit(&Batch {
@@ -438,7 +477,7 @@ mod tests {
             let mut t = tx.open_table(DECISIONS).unwrap();
             t.insert(key("junk", "").as_str(), b"not json".as_slice())
                 .unwrap();
-            let mut bad = StoredDecision::of(&Decision::allow(), t0);
+            let mut bad = StoredDecision::of(&kept("bad", "", Decision::allow(), false, t0));
             bad.routes = vec!["10.0.0.1/8\nroute = 0.0.0.0/0".into()];
             let bad = serde_json::to_vec(&bad).unwrap();
             t.insert(key("bad", "").as_str(), bad.as_slice()).unwrap();
@@ -449,7 +488,7 @@ mod tests {
         let now = t0 + Duration::from_secs(10);
         let usable = |_: &Decision, age: Duration| age < Duration::from_secs(10);
         let got = s.load_decisions(now, 3, usable).unwrap();
-        let names: Vec<_> = got.decisions.iter().map(|r| r.0.as_str()).collect();
+        let names: Vec<_> = got.decisions.iter().map(|r| r.username.as_str()).collect();
         assert_eq!(names, ["u4", "u3", "u2"]);
         assert_eq!(got.dropped, 5, "u0, u1, junk, bad and the bad key");
         // They are gone from the file, not only skipped.

@@ -387,3 +387,81 @@ async fn killing_the_policy_actors_during_a_storm_never_costs_an_answer_or_a_ses
     .await;
     a.shutdown().await;
 }
+
+/// `ocserv_disconnect_total{reason}` from the agent's metrics (0 when absent).
+fn ended(a: &ocserv_agent::app::Agent, reason: &str) -> f64 {
+    agent::metric(
+        &a.metrics.encode(),
+        &format!("ocserv_disconnect_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+async fn ended_is(a: &ocserv_agent::app::Agent, reason: &str, n: f64) {
+    wait_for(
+        &format!("{n} disconnect(s) counted as {reason}"),
+        Duration::from_secs(15),
+        || async { (ended(a, reason) == n).then_some(()) },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn should_disconnect_keeps_one_session_per_user_and_every_end_is_counted_with_its_reason() {
+    let users = [LabUser::new("kim", "pw-kim"), LabUser::new("lou", "pw-lou")];
+    let lab = hook::lab(&users, HOOK);
+    let portal = PortalDouble::start_plain().await;
+    // One session per user for kim: admitted, and her other sessions go.
+    portal.answer(
+        "kim",
+        ocserv_agent::proto::vpn::v1::CheckPolicyResponse {
+            should_disconnect: true,
+            ..PortalDouble::allow(&[], &[])
+        },
+    );
+    portal.answer("lou", PortalDouble::allow(&[], &[]));
+    let mut cfg = portal_config(&lab, &portal);
+    cfg.hook.socket = hook::socket(&lab);
+    let a = agent::start(cfg).await;
+    let mut c = agent::client(&a).await;
+
+    let first = lab.connect("kim", "pw-kim").expect("kim's first session");
+    let second = lab.connect("kim", "pw-kim").expect("kim's second session");
+    // The second connect was answered from the cache: the portal's rule holds for it too.
+    assert_eq!(portal.calls("kim"), 1);
+    assert!(
+        first.wait_exit(Duration::from_secs(15)),
+        "the first session is disconnected"
+    );
+    assert!(second.is_alive(), "the new session stays");
+    let listed = agent::wait_sessions(&mut c, "kim", 1).await;
+    assert_eq!(
+        agent::ocserv_ids(&lab),
+        vec![listed[0].session_id.parse::<u32>().unwrap()],
+        "ocserv and the agent agree: only the second session is left"
+    );
+    ended_is(&a, "policy_violation", 1.0).await;
+
+    // An operator's kick.
+    let lou = lab.connect("lou", "pw-lou").expect("lou");
+    agent::wait_sessions(&mut c, "lou", 1).await;
+    let kicked = c
+        .disconnect_user(ocserv_agent::proto::agent::v1::DisconnectUserRequest {
+            username: "lou".into(),
+            reason: "test".into(),
+            disconnect_all_sessions: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kicked.sessions_disconnected, 1);
+    assert!(lou.wait_exit(Duration::from_secs(15)));
+    ended_is(&a, "admin_forced", 1.0).await;
+
+    // A session that ends on its own (the client leaves): reason not known.
+    drop(second);
+    ended_is(&a, "unspecified", 1.0).await;
+    assert_eq!(ended(&a, "policy_violation"), 1.0, "each end counted once");
+    assert_eq!(ended(&a, "admin_forced"), 1.0, "each end counted once");
+    a.shutdown().await;
+}

@@ -361,7 +361,7 @@ async fn the_store_survives_sigkill_during_writes() {
     for round in 0..ROUNDS {
         let name = format!("r{round}");
         assert!(
-            loaded.decisions.iter().any(|d| d.0 == name),
+            loaded.decisions.iter().any(|d| d.username == name),
             "{name} was written before its round's kill"
         );
     }

@@ -13,7 +13,9 @@
 //! - A portal admission's routes and DNS become the user's per-user file (`ConfigWriter`), for
 //!   the user's next session.
 //! - A portal answer with `should_disconnect` disconnects the user's other live sessions (all
-//!   of them when the connect is denied), by full identity, in a task of its own.
+//!   of them when the connect is denied), by full identity, in a task of its own; the cached
+//!   answer does the same for every connect it answers (the portal's one session per user holds
+//!   within the cache's lifetime too). Those kicks count as `policy_violation`.
 //!
 //! The portal call runs in a spawned task whose result comes back as [`PolicyMsg::Fetched`], so
 //! a slow portal never delays a cache hit. Waiters whose answer is lost with a crash of this
@@ -70,24 +72,23 @@ impl CacheState {
             let mut store = self.ctx.policy_store();
             store
                 .get(&query.username, &query.groupname)
-                .map(|e| (e.decision.clone(), freshness(e, now, &lifetimes)))
+                .map(|e| (e.clone(), freshness(e, now, &lifetimes)))
         };
         let metrics = &self.ctx.metrics;
         match cached {
-            Some((decision, Freshness::Fresh)) => {
+            Some((entry, fresh @ (Freshness::Fresh | Freshness::RefreshAhead))) => {
                 metrics.cache_request("hit");
+                // The portal's one-session-per-user (or revocation) holds for every connect
+                // its cached answer admits or denies, not only the one that fetched it.
+                if entry.should_disconnect {
+                    disconnect_others(self.ctx.clone(), query.clone(), entry.decision.allowed);
+                }
                 let _ = reply.send(Verdict {
-                    decision,
+                    decision: entry.decision,
                     source: Source::Cached,
                 });
-            }
-            Some((decision, Freshness::RefreshAhead)) => {
-                metrics.cache_request("hit");
-                let _ = reply.send(Verdict {
-                    decision,
-                    source: Source::Cached,
-                });
-                if self.in_flight.begin(&query.username, &query.groupname) {
+                let refresh = fresh == Freshness::RefreshAhead;
+                if refresh && self.in_flight.begin(&query.username, &query.groupname) {
                     self.fetch(myself, query);
                 }
             }
@@ -138,6 +139,7 @@ impl CacheState {
             Ok(answer) => {
                 let entry = Entry {
                     decision: answer.decision.clone(),
+                    should_disconnect: answer.should_disconnect,
                     fetched_at: now,
                 };
                 let (kept, size) = {
@@ -147,7 +149,7 @@ impl CacheState {
                     (kept, store.len())
                 };
                 if kept {
-                    keep_decision(&query, &answer.decision);
+                    keep_decision(&query, &answer);
                 }
                 self.ctx
                     .metrics
@@ -194,16 +196,17 @@ pub fn without_portal(ctx: &Context, query: &PolicyQuery) -> Verdict {
 
 /// A portal decision is also kept in the durable store (write-behind), so that an agent
 /// restarted during a portal outage can still answer from it as a stale entry.
-fn keep_decision(query: &PolicyQuery, decision: &crate::policy::Decision) {
+fn keep_decision(query: &PolicyQuery, answer: &PortalAnswer) {
     let Some(store) = ractor::registry::where_is(STATE_STORE) else {
         return tracing::warn!(user = %query.username, "state store not running; decision not kept on disk");
     };
-    let _ = store.send_message(StoreMsg::KeepDecision {
+    let _ = store.send_message(StoreMsg::KeepDecision(crate::store::KeptDecision {
         username: query.username.clone(),
         groupname: query.groupname.clone(),
-        decision: decision.clone(),
+        decision: answer.decision.clone(),
+        should_disconnect: answer.should_disconnect,
         fetched_at: std::time::SystemTime::now(),
-    });
+    }));
 }
 
 /// The routes and DNS of a portal admission become the user's per-user file (ocserv reads it at
@@ -259,7 +262,8 @@ fn disconnect_others(ctx: Arc<Context>, query: PolicyQuery, admitted: bool) {
             .filter(|s| !admitted || s.id != query.session_id)
             .map(|s| s.key())
             .collect();
-        let kicked = crate::grpc::kick_sessions(&ctx, &targets, deadline).await;
+        let reason = crate::metrics::DisconnectReason::PolicyViolation;
+        let kicked = crate::grpc::kick_sessions(&ctx, &targets, reason, deadline).await;
         tracing::info!(user = %query.username, disconnected = kicked.done.len(),
             errors = ?kicked.errors, "sessions disconnected at the portal's request");
     });

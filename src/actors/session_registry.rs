@@ -88,6 +88,7 @@ impl RegistryState {
                 let ReconcileDiff { opened, closed, .. } = self.table.reconcile(fresh);
                 for s in &closed {
                     tracing::info!(session = %s.key(), "session closed");
+                    self.ended(&s.key());
                 }
                 for id in &opened {
                     tracing::info!(id, "session opened");
@@ -111,6 +112,15 @@ impl RegistryState {
         }
         self.publish_gauge();
         outcome
+    }
+
+    /// Counts a session that left the table: for the reason of the agent's own kick, if it made
+    /// one, else unspecified (ocserv's reason is not known without its event stream).
+    fn ended(&self, key: &crate::ocserv::SessionKey) {
+        let reason = self.ctx.kicks.reason_of(key);
+        self.ctx
+            .metrics
+            .session_ended(reason.unwrap_or(crate::metrics::DisconnectReason::Unspecified));
     }
 
     /// The sessions gauge shows the table while it is fresh, and nothing once it is stale.
@@ -214,7 +224,9 @@ impl RegistryState {
                 };
                 tracing::info!(session = %key, user = %e.username, bytes_in = ?e.bytes_in,
                     bytes_out = ?e.bytes_out, duration = ?e.duration, "session ended");
-                self.table.remove(std::slice::from_ref(&key));
+                if !self.table.remove(std::slice::from_ref(&key)).is_empty() {
+                    self.ended(&key);
+                }
                 self.forgotten
                     .add([key.clone()], self.sync.latest_started());
                 if self.ended.len() >= MAX_ENDED {
@@ -325,7 +337,9 @@ impl Actor for SessionRegistry {
                 }
             }
             RegistryMsg::Forget(keys) => {
-                state.table.remove(&keys);
+                for s in state.table.remove(&keys) {
+                    state.ended(&s.key());
+                }
                 state.forgotten.add(keys, state.sync.latest_started());
                 state.publish_gauge();
             }

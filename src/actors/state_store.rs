@@ -22,8 +22,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 
 use crate::actors::{Context, STATE_STORE};
 use crate::messages::StoreMsg;
-use crate::policy::Decision;
-use crate::store::{AuditRecord, Batch};
+use crate::store::{AuditRecord, Batch, KeptDecision};
 
 /// Audit records waiting for a transaction, at most.
 pub const MAX_QUEUED_AUDIT: usize = 10_000;
@@ -35,7 +34,7 @@ type Key = (String, String);
 pub struct StoreState {
     ctx: Arc<Context>,
     /// Decisions to write (`Some`) or forget (`None`), by key.
-    decisions: HashMap<Key, Option<(Decision, std::time::SystemTime)>>,
+    decisions: HashMap<Key, Option<KeptDecision>>,
     /// Audit records to append, oldest first.
     audit: VecDeque<AuditRecord>,
     /// A transaction is under way.
@@ -55,7 +54,7 @@ impl StoreState {
         };
         for ((user, group), value) in self.decisions.drain() {
             match value {
-                Some((decision, at)) => batch.decisions.push((user, group, decision, at)),
+                Some(kept) => batch.decisions.push(kept),
                 None => batch.forget.push((user, group)),
             }
         }
@@ -105,15 +104,9 @@ impl Actor for StateStore {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            StoreMsg::KeepDecision {
-                username,
-                groupname,
-                decision,
-                fetched_at,
-            } => {
-                state
-                    .decisions
-                    .insert((username, groupname), Some((decision, fetched_at)));
+            StoreMsg::KeepDecision(kept) => {
+                let key = (kept.username.clone(), kept.groupname.clone());
+                state.decisions.insert(key, Some(kept));
             }
             StoreMsg::ForgetDecision {
                 username,

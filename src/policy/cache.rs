@@ -54,6 +54,8 @@ impl Lifetimes {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub decision: Decision,
+    /// The portal's `should_disconnect` with it: applied on every connect it answers.
+    pub should_disconnect: bool,
     pub fetched_at: Instant,
 }
 
@@ -379,6 +381,7 @@ mod tests {
         };
         Entry {
             decision,
+            should_disconnect: false,
             fetched_at: at,
         }
     }
