@@ -124,11 +124,18 @@ impl Kicks {
     pub fn reason_of(&self, key: &SessionKey) -> Option<DisconnectReason> {
         let map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
         match map.get(&key.id)? {
-            KickEntry::InProgress(k, reason, _) | KickEntry::Done(k, reason, _) if k == key => {
+            KickEntry::InProgress(k, reason, _) | KickEntry::Done(k, reason, _) if k.same(key) => {
                 Some(*reason)
             }
             _ => None,
         }
+    }
+
+    /// Whether the agent is disconnecting (or recently disconnected) a session under ocserv ID
+    /// `id`: for a session known only by its ID (IDs recycle, so only for counting).
+    pub fn kicked_id(&self, id: u32) -> bool {
+        let map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        map.contains_key(&id)
     }
 
     /// Claims `key` for disconnection for `reason`. While another caller is disconnecting the

@@ -276,6 +276,15 @@ impl Pending {
         }
     }
 
+    /// Forgets pending `id` of `username` (its disconnect came first); true when it was pending.
+    pub fn forget(&mut self, id: u32, username: &str) -> bool {
+        let pending = self.by_id.get(&id).is_some_and(|p| p.username == username);
+        if pending {
+            self.by_id.remove(&id);
+        }
+        pending
+    }
+
     /// Removes the pending sessions that a session list shows connected; returns how many.
     pub fn confirm_listed<'a>(&mut self, sessions: impl IntoIterator<Item = &'a Session>) -> usize {
         let before = self.by_id.len();
@@ -512,6 +521,11 @@ pub(crate) mod tests {
         }
         assert_eq!(p.check(8, "cy", None), Check::GaveUp);
         assert!(p.is_empty());
+
+        assert!(p.admit(9, "di"));
+        assert!(!p.forget(9, "other"), "only by its own user");
+        assert!(p.forget(9, "di"));
+        assert_eq!(p.check(9, "di", None), Check::NotPending);
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl RegistryState {
                 let ReconcileDiff { opened, closed, .. } = self.table.reconcile(fresh);
                 for s in &closed {
                     tracing::info!(session = %s.key(), "session closed");
-                    self.ended(&s.key());
+                    self.ended_on_its_own(&s.key());
                 }
                 for id in &opened {
                     tracing::info!(id, "session opened");
@@ -114,13 +114,15 @@ impl RegistryState {
         outcome
     }
 
-    /// Counts a session that left the table: for the reason of the agent's own kick, if it made
-    /// one, else unspecified (ocserv's reason is not known without its event stream).
-    fn ended(&self, key: &crate::ocserv::SessionKey) {
-        let reason = self.ctx.kicks.reason_of(key);
-        self.ctx
-            .metrics
-            .session_ended(reason.unwrap_or(crate::metrics::DisconnectReason::Unspecified));
+    /// Counts a session that ended without the agent kicking it (its reason is not known
+    /// without ocserv's event stream). A session the agent kicks is counted once, with the
+    /// kick's reason, when the kick's `Forget` arrives, whichever notice comes first.
+    fn ended_on_its_own(&self, key: &crate::ocserv::SessionKey) {
+        if self.ctx.kicks.reason_of(key).is_none() {
+            self.ctx
+                .metrics
+                .session_ended(crate::metrics::DisconnectReason::Unspecified);
+        }
     }
 
     /// The sessions gauge shows the table while it is fresh, and nothing once it is stale.
@@ -218,15 +220,22 @@ impl RegistryState {
                     e.at.duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs());
                 let Some(key) = self.table.disconnected(e.id, &e.username, e.duration, now) else {
+                    // Ended before it was confirmed: still a session that ended (unless the
+                    // agent kicked it: then its Forget counts it).
+                    let pending = self.admitted.forget(e.id, &e.username);
+                    if pending && !self.ctx.kicks.kicked_id(e.id) {
+                        self.ctx
+                            .metrics
+                            .session_ended(crate::metrics::DisconnectReason::Unspecified);
+                    }
                     tracing::debug!(id = e.id, user = %e.username,
                         "disconnect report for a session the registry does not hold");
                     return;
                 };
                 tracing::info!(session = %key, user = %e.username, bytes_in = ?e.bytes_in,
                     bytes_out = ?e.bytes_out, duration = ?e.duration, "session ended");
-                if !self.table.remove(std::slice::from_ref(&key)).is_empty() {
-                    self.ended(&key);
-                }
+                self.table.remove(std::slice::from_ref(&key));
+                self.ended_on_its_own(&key);
                 self.forgotten
                     .add([key.clone()], self.sync.latest_started());
                 if self.ended.len() >= MAX_ENDED {
@@ -337,8 +346,12 @@ impl Actor for SessionRegistry {
                 }
             }
             RegistryMsg::Forget(keys) => {
-                for s in state.table.remove(&keys) {
-                    state.ended(&s.key());
+                state.table.remove(&keys);
+                // Every key is a session the agent disconnected: counted here, once.
+                for key in &keys {
+                    let reason = state.ctx.kicks.reason_of(key);
+                    let reason = reason.unwrap_or(crate::metrics::DisconnectReason::Unspecified);
+                    state.ctx.metrics.session_ended(reason);
                 }
                 state.forgotten.add(keys, state.sync.latest_started());
                 state.publish_gauge();

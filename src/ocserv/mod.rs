@@ -122,10 +122,21 @@ pub struct SessionKey {
 impl SessionKey {
     /// True when `s` is this very session (not merely a session with the same recycled ID).
     pub fn matches(&self, s: &Session) -> bool {
-        self.id == s.id
-            && match (&self.safe_id, &s.safe_id) {
+        self.identifies(s.id, s.safe_id.as_deref(), s.connected_at)
+    }
+
+    /// True when both keys name the same session.
+    pub fn same(&self, other: &SessionKey) -> bool {
+        self.identifies(other.id, other.safe_id.as_deref(), other.connected_at)
+    }
+
+    /// The rule: the same ID, and the same session id when both have one, else the same
+    /// connection time.
+    fn identifies(&self, id: u32, safe_id: Option<&str>, connected_at: u64) -> bool {
+        self.id == id
+            && match (self.safe_id.as_deref(), safe_id) {
                 (Some(a), Some(b)) => a == b,
-                _ => self.connected_at == s.connected_at,
+                _ => self.connected_at == connected_at,
             }
     }
 }
