@@ -177,15 +177,8 @@ async fn missing_occtl_and_socket_garbage_are_named() {
     // A control socket that answers every request with garbage.
     let garbage = FakeOcserv::start(|_, _| Act::raw(vec![0xff, 0x10, 0, 0, 0, 1, 2, 3]));
     let sock = garbage.socket().to_path_buf();
-    let mut cfg = ocserv_agent::config::load_with_env(None, &[])
-        .unwrap()
-        .config;
-    cfg.ocserv.control_socket = sock.clone();
+    let mut cfg = agent::config_in(dir.path(), &sock);
     cfg.ocserv.reconcile_interval = Duration::from_millis(200);
-    cfg.grpc.socket = dir.path().join("agent.sock");
-    cfg.hook.socket = dir.path().join("hook.sock");
-    cfg.agent.state_dir = dir.path().join("state");
-    cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
     let a = agent::start(cfg).await;
     let mut c = agent::client(&a).await;
     let e = agent::sessions(&mut c, "").await.unwrap_err();

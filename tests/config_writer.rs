@@ -59,14 +59,8 @@ impl Setup {
     /// The embedded defaults pointed at the fake and the temporary directory, with both
     /// config directories created and set.
     fn config(&self) -> Config {
-        let mut c = load_with_env(None, &[]).expect("embedded defaults").config;
-        c.ocserv.control_socket = self._fake.socket().to_path_buf();
+        let mut c = agent::config_in(self.dir.path(), self._fake.socket());
         c.ocserv.reconcile_interval = Duration::from_millis(300);
-        c.grpc.socket = self.dir.path().join("agent.sock");
-        c.hook.socket = self.dir.path().join("hook.sock");
-        c.agent.state_dir = self.dir.path().join("state");
-        c.metrics.listen = "127.0.0.1:0".parse().unwrap();
-        c.supervisor.restart_intensity = 1000;
         std::fs::create_dir_all(self.users()).unwrap();
         std::fs::create_dir_all(self.groups()).unwrap();
         c.config_writer.per_user_dir = Some(self.users());

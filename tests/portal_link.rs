@@ -30,15 +30,7 @@ struct Setup {
 
 /// The embedded defaults (never the machine's file or environment) around `portal`.
 fn config(dir: &Path, fake: &FakeOcserv, portal: PortalConfig) -> Config {
-    let mut c = ocserv_agent::config::load_from(None, &dir.join("absent.toml"), &[])
-        .expect("embedded defaults are valid")
-        .config;
-    c.ocserv.control_socket = fake.socket().to_path_buf();
-    c.grpc.socket = dir.join("agent.sock");
-    c.hook.socket = dir.join("hook.sock");
-    c.agent.state_dir = dir.join("state");
-    c.metrics.listen = "127.0.0.1:0".parse().unwrap();
-    c.supervisor.restart_intensity = 1000;
+    let mut c = agent::config_in(dir, fake.socket());
     c.portal = portal;
     c
 }

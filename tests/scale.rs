@@ -14,14 +14,7 @@ async fn the_cli_lists_twenty_thousand_sessions() {
     const N: usize = 20_000;
     let fake = FakeOcserv::with_sessions((0..N).map(|i| fake::session(i, "lo")).collect());
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = ocserv_agent::config::load_with_env(None, &[])
-        .unwrap()
-        .config;
-    cfg.ocserv.control_socket = fake.socket().to_path_buf();
-    cfg.grpc.socket = dir.path().join("agent.sock");
-    cfg.hook.socket = dir.path().join("hook.sock");
-    cfg.agent.state_dir = dir.path().join("state");
-    cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
+    let mut cfg = agent::config_in(dir.path(), fake.socket());
     cfg.grpc.request_timeout = Duration::from_secs(20);
     // Decoding 20 000 sessions in a debug build on a loaded machine can take seconds; this test
     // is about the CLI's listing, not about ocserv's speed.

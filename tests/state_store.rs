@@ -235,15 +235,7 @@ async fn every_disconnect_user_call_is_in_the_audit_log_with_its_caller_and_resu
     use ocserv_agent::proto::agent::v1::DisconnectUserRequest;
     let dir = tempfile::tempdir().unwrap();
     let ocserv = FakeOcserv::with_sessions(vec![fake::session(0, "lo")]);
-    let mut cfg = ocserv_agent::config::load_with_env(None, &[])
-        .expect("embedded defaults are valid")
-        .config;
-    cfg.ocserv.control_socket = ocserv.socket().to_path_buf();
-    cfg.grpc.socket = dir.path().join("agent.sock");
-    cfg.hook.socket = dir.path().join("hook.sock");
-    cfg.agent.state_dir = dir.path().join("state");
-    cfg.metrics.listen = "127.0.0.1:0".parse().unwrap();
-    let a = agent::start(cfg).await;
+    let a = agent::start(agent::config_in(dir.path(), ocserv.socket())).await;
     let mut c = agent::client(&a).await;
     let user = fake::username(0);
     let kicked = c

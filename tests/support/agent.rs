@@ -14,20 +14,27 @@ use tonic::transport::Channel;
 
 use super::lab::Lab;
 
-/// Embedded defaults pointed at the lab: ephemeral loopback ports, a short reconcile interval,
-/// and a restart intensity that chaos tests do not reach by accident.
-pub fn config_for(lab: &Lab, backend: BackendKind) -> Config {
+/// The embedded defaults (never the machine's file or environment) for an agent whose every
+/// socket and its state live in `dir`, asking ocserv on `ocserv_socket`: metrics on an ephemeral
+/// loopback port, and a restart intensity that chaos tests do not reach by accident.
+pub fn config_in(dir: &std::path::Path, ocserv_socket: &std::path::Path) -> Config {
     let mut c = ocserv_agent::config::load_with_env(None, &[])
         .expect("embedded defaults are valid")
         .config;
-    c.ocserv.backend = backend;
-    c.ocserv.control_socket = lab.occtl_socket.clone();
-    c.ocserv.reconcile_interval = Duration::from_millis(300);
-    c.grpc.socket = lab.dir.join("agent.sock");
-    c.hook.socket = lab.dir.join("hook.sock");
-    c.agent.state_dir = lab.dir.join("state");
+    c.ocserv.control_socket = ocserv_socket.to_path_buf();
+    c.grpc.socket = dir.join("agent.sock");
+    c.hook.socket = dir.join("hook.sock");
+    c.agent.state_dir = dir.join("state");
     c.metrics.listen = "127.0.0.1:0".parse().unwrap();
     c.supervisor.restart_intensity = 1000;
+    c
+}
+
+/// [`config_in`] the lab's directory, on its ocserv, with a short reconcile interval.
+pub fn config_for(lab: &Lab, backend: BackendKind) -> Config {
+    let mut c = config_in(&lab.dir, &lab.occtl_socket);
+    c.ocserv.backend = backend;
+    c.ocserv.reconcile_interval = Duration::from_millis(300);
     c
 }
 
