@@ -156,8 +156,7 @@ pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
 fn restore_decisions(ctx: &Context) -> Result<(), StoreError> {
     let cfg = ctx.config();
     let lifetimes = cfg.policy.lifetimes();
-    let usable =
-        |d: &crate::policy::Decision, age: Duration| age <= lifetimes.ttl(d) + lifetimes.stale_for;
+    let usable = |d: &crate::policy::Decision, age: Duration| age < lifetimes.usable_for(d);
     let loaded = ctx
         .store
         .load_decisions(SystemTime::now(), cfg.policy.capacity, usable)?;

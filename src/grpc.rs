@@ -528,7 +528,7 @@ impl VpnAgentService for VpnAgent {
                 req.disconnect_all_sessions.to_string(),
             ),
         ];
-        let result = self.disconnect_user_inner(peer.clone(), req).await;
+        let result = self.disconnect_user_inner(req).await;
         audit(
             &self.ctx,
             "DisconnectUser",
@@ -620,9 +620,9 @@ impl VpnAgent {
         Ok(reply)
     }
 
+    /// `DisconnectUser` itself; the caller logs and audits the outcome.
     async fn disconnect_user_inner(
         &self,
-        peer: Option<Peer>,
         req: pb::DisconnectUserRequest,
     ) -> Result<pb::DisconnectUserResponse, Status> {
         // One deadline for the whole call, inside the edge's grpc.request_timeout, so that
@@ -653,15 +653,6 @@ impl VpnAgent {
                 humantime::format_duration(budget)
             ));
         }
-        tracing::info!(
-            user = %req.username,
-            sessions = done.len(),
-            reason = %req.reason,
-            caller_uid = ?peer.as_ref().and_then(|p| p.uid),
-            caller_pid = ?peer.as_ref().and_then(|p| p.pid),
-            caller_addr = ?peer.as_ref().and_then(|p| p.addr),
-            "disconnected sessions on request"
-        );
         if done.is_empty() {
             return Err(if !errors.is_empty() {
                 Status::unavailable(errors.join("; "))

@@ -60,16 +60,29 @@ impl StoreState {
         }
         self.flushing = true;
         let ctx = self.ctx.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = ctx.store.commit(&batch);
+        let (decisions, audit) = (
+            !batch.decisions.is_empty() || !batch.forget.is_empty(),
+            !batch.audit.is_empty(),
+        );
+        // The blocking task is awaited by a task of its own, so that even a panic in it frees
+        // the store for the next transaction (the actor never waits on a task that died).
+        tokio::spawn(async move {
+            let writer = ctx.clone();
+            let result = tokio::task::spawn_blocking(move || writer.store.commit(&batch))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(crate::store::StoreError::Failed {
+                        path: ctx.store.path().to_path_buf(),
+                        reason: format!("the write task failed: {e}"),
+                    })
+                });
             if let Err(e) = &result {
-                tracing::error!(error = %e, decisions = batch.decisions.len() + batch.forget.len(),
-                    audit = batch.audit.len(), "state store write failed; this batch is not kept");
+                tracing::error!(error = %e, "state store write failed; this batch is not kept");
             }
-            if !batch.decisions.is_empty() || !batch.forget.is_empty() {
+            if decisions {
                 ctx.metrics.store_write("policy_decisions", result.is_ok());
             }
-            if !batch.audit.is_empty() {
+            if audit {
                 ctx.metrics.store_write("audit", result.is_ok());
             }
             if let Some(cell) = ractor::registry::where_is(STATE_STORE) {

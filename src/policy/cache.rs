@@ -48,6 +48,12 @@ impl Lifetimes {
             false => self.deny_ttl,
         }
     }
+
+    /// How long `decision` is of any use: its fresh lifetime, then `stale_for` as a stale
+    /// answer; past it the entry is expired.
+    pub fn usable_for(&self, decision: &Decision) -> Duration {
+        self.ttl(decision).saturating_add(self.stale_for)
+    }
 }
 
 /// One cached portal decision and when it was fetched.
@@ -83,7 +89,7 @@ pub fn freshness(entry: &Entry, now: Instant, lifetimes: &Lifetimes) -> Freshnes
     match age {
         a if a < refresh_at => Freshness::Fresh,
         a if a < ttl => Freshness::RefreshAhead,
-        a if a < ttl.saturating_add(lifetimes.stale_for) => Freshness::Stale,
+        a if a < lifetimes.usable_for(&entry.decision) => Freshness::Stale,
         _ => Freshness::Expired,
     }
 }
