@@ -150,7 +150,8 @@ pub async fn open_store(config: &Config) -> Result<Store, StoreError> {
         })
 }
 
-/// Puts the portal decisions kept in the store back into the policy cache, each with its age:
+/// Puts the portal decisions kept in the store back into the policy cache, each with its age
+/// (and publishes the outbox's depth):
 /// a decision fresh before the restart is fresh for the rest of its lifetime, one past it serves
 /// only as a stale answer while the portal fails, one past `policy.stale_for` is dropped.
 fn restore_decisions(ctx: &Context) -> Result<(), StoreError> {
@@ -181,6 +182,16 @@ fn restore_decisions(ctx: &Context) -> Result<(), StoreError> {
         .set(i64::try_from(cache.len()).unwrap_or(i64::MAX));
     tracing::info!(restored, dropped = loaded.dropped, store = %ctx.store.path().display(),
         "policy decisions restored from the state store");
+    let depth = ctx.store.outbox_depth()?;
+    ctx.metrics
+        .outbox_depth
+        .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    if depth > 0 {
+        tracing::info!(
+            depth,
+            "events from before the start wait in the outbox for the portal"
+        );
+    }
     Ok(())
 }
 

@@ -131,11 +131,14 @@ impl Kicks {
         }
     }
 
-    /// Whether the agent is disconnecting (or recently disconnected) a session under ocserv ID
-    /// `id`: for a session known only by its ID (IDs recycle, so only for counting).
-    pub fn kicked_id(&self, id: u32) -> bool {
+    /// Why the agent is disconnecting (or recently disconnected) a session under ocserv ID
+    /// `id`: for a session known only by its ID and the time its script reported (IDs
+    /// recycle, so only to name a reason, never to act).
+    pub fn reason_of_id(&self, id: u32) -> Option<DisconnectReason> {
         let map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
-        map.contains_key(&id)
+        match map.get(&id)? {
+            KickEntry::InProgress(_, reason, _) | KickEntry::Done(_, reason, _) => Some(*reason),
+        }
     }
 
     /// Claims `key` for disconnection for `reason`. While another caller is disconnecting the
@@ -280,24 +283,34 @@ pub fn audit<T>(
     result: &Result<T, Status>,
     ok: impl FnOnce(&T) -> String,
 ) {
+    let result = match result {
+        Ok(r) => ok(r),
+        Err(s) => format!(
+            "error {}: {}",
+            crate::metrics::code_name(s.code()),
+            s.message()
+        ),
+    };
+    record_action(ctx, action, caller(peer), args, result);
+}
+
+/// Writes one audit record (the log line and the durable record).
+pub fn record_action(
+    ctx: &Context,
+    action: &str,
+    caller: String,
+    args: &[(&str, String)],
+    result: String,
+) {
     let record = crate::store::AuditRecord {
-        at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
-        caller: caller(peer),
+        at_ms: crate::store::unix_ms(std::time::SystemTime::now()),
+        caller,
         action: action.to_string(),
         args: args
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect(),
-        result: match result {
-            Ok(r) => ok(r),
-            Err(s) => format!(
-                "error {}: {}",
-                crate::metrics::code_name(s.code()),
-                s.message()
-            ),
-        },
+        result,
     };
     tracing::info!(action, caller = %record.caller, args = ?record.args, result = %record.result,
         "management action");
@@ -313,6 +326,38 @@ pub fn audit<T>(
             ctx.metrics.store_write("audit", false);
         }
     }
+}
+
+/// Disconnects one session the portal asked to end (`action`: `ValidateSession` with
+/// `force_disconnect`, or `ReportSessionUpdate` with `should_disconnect`), by its full identity,
+/// for `POLICY_VIOLATION`, and records it in the audit log with the portal's reason.
+pub async fn portal_kick(
+    ctx: &Context,
+    action: &str,
+    key: SessionKey,
+    username: &str,
+    why: &str,
+    deadline: Instant,
+) {
+    let kicked = kick_sessions(
+        ctx,
+        std::slice::from_ref(&key),
+        DisconnectReason::PolicyViolation,
+        deadline,
+    )
+    .await;
+    let result = match (kicked.done.len(), kicked.errors.first()) {
+        (1, _) => "ok: session disconnected".to_string(),
+        (_, Some(e)) => format!("error: {e}"),
+        _ if kicked.not_attempted > 0 => "error: not attempted in time".to_string(),
+        _ => "ok: the session had already ended".to_string(),
+    };
+    let args = [
+        ("username", username.to_string()),
+        ("session", key.to_string()),
+        ("reason", why.to_string()),
+    ];
+    record_action(ctx, action, "portal".to_string(), &args, result);
 }
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {

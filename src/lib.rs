@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod gate;
 pub mod grpc;
 pub mod grpc_edge;

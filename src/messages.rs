@@ -110,8 +110,29 @@ pub enum RegistryMsg {
     /// of any reconcile whose fetch started before this notice.
     Forget(Vec<SessionKey>),
     /// A connect the agent admitted, or a disconnect or host-update, reported by ocserv's
-    /// script through the hook.
-    HookEvent(HookEvent),
+    /// script through the hook. Answered once what it changed is in the durable store (a
+    /// disconnect's end), or at once; the hook listener sends it again until answered, and
+    /// handling it twice changes nothing.
+    HookEvent(HookEvent, Option<RpcReplyPort<()>>),
+    /// The outcome of a save of session changes to `StateStore`; on failure the changes (and
+    /// their waiters) come back to be sent again.
+    Saved {
+        ok: bool,
+        changes: Vec<crate::store::Change>,
+        waiters: Vec<RpcReplyPort<()>>,
+    },
+    /// Timer: send unsaved changes again.
+    SaveNow,
+    /// Timer: sessions waiting for their disconnect script may be due.
+    CloseDue,
+    /// Timer: report every live session's counters (`portal.session_update_interval`).
+    UpdateDue,
+    /// Timer: revalidate the next slice of live sessions (`portal.validate_interval`).
+    ValidateDue,
+    /// ocserv's event stream (`ocserv.event_stream`) says these sessions ended, and why.
+    Ended(Vec<(crate::ocserv::Session, crate::metrics::DisconnectReason)>),
+    /// The task holding the event stream ended (it never should): the registry fails.
+    StreamEnded,
     /// What ocserv showed for a session pending since its connect was admitted (`None`: not
     /// listed, or ocserv could not answer).
     PendingChecked {
@@ -130,12 +151,36 @@ pub struct HookEvent {
     /// ocserv's `ID` (the worker's PID; recycled, so matched together with the username).
     pub id: u32,
     pub username: String,
+    pub groupname: String,
+    /// `IP_REAL`, `IP_REMOTE` (the client's VPN address) and `DEVICE`.
+    pub client_ip: Option<IpAddr>,
+    pub vpn_ip: Option<IpAddr>,
+    pub device: String,
     /// Disconnect only: the session's final counters (`STATS_BYTES_IN/OUT`) and duration.
     pub bytes_in: Option<u64>,
     pub bytes_out: Option<u64>,
     pub duration: Option<Duration>,
     /// When the agent received it.
     pub at: std::time::SystemTime,
+}
+
+impl HookEvent {
+    /// What `request` reports, received at `at`.
+    pub fn of(r: &crate::hook_proto::HookRequest, at: std::time::SystemTime) -> Self {
+        Self {
+            reason: r.reason,
+            id: r.session_id,
+            username: r.username.clone(),
+            groupname: r.groupname.clone(),
+            client_ip: r.ip_real,
+            vpn_ip: r.ip_remote,
+            device: r.device.clone(),
+            bytes_in: r.stats_bytes_in,
+            bytes_out: r.stats_bytes_out,
+            duration: r.stats_duration.map(Duration::from_secs),
+            at,
+        }
+    }
 }
 
 impl From<&crate::hook_proto::HookRequest> for PolicyQuery {
@@ -224,6 +269,16 @@ pub struct PortalAnswer {
     pub should_disconnect: bool,
 }
 
+/// The portal's answer to [`PortalMsg::Validate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validation {
+    pub valid: bool,
+    /// The session must go (`force_disconnect`).
+    pub force_disconnect: bool,
+    /// `invalid_reason`, cleaned like a denial's reason.
+    pub reason: String,
+}
+
 /// Why `PortalLink` has no answer from the portal. The caller (the policy cache) applies its
 /// fail mode to every one of these.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -272,6 +327,14 @@ pub enum PortalMsg {
     CheckPolicy {
         request: PolicyQuery,
         reply: RpcReplyPort<Result<PortalAnswer, PortalError>>,
+    },
+    /// The outbox may hold events: drain it unless a drain runs or is backing off.
+    Drain,
+    /// Asks the portal's `vpn.v1.AuthService/ValidateSession` about one live session, behind
+    /// the circuit breaker and within `portal.call_timeout`.
+    Validate {
+        session: crate::store::SessionRecord,
+        reply: RpcReplyPort<Result<Validation, PortalError>>,
     },
     /// A call task's outcome, recorded on the circuit breaker with the permit it was made with.
     CallEnded {
@@ -353,6 +416,13 @@ pub enum StoreMsg {
     },
     /// Append a management action to the audit log.
     Audit(crate::store::AuditRecord),
+    /// Apply session changes to the snapshot and the outbox ([`crate::store::Store::record`]);
+    /// answered once they are committed (or failed: the caller sends them again, which is safe,
+    /// every change being idempotent).
+    Record {
+        changes: Vec<crate::store::Change>,
+        reply: RpcReplyPort<Result<(), String>>,
+    },
     /// A transaction finished (sent by its task to whichever incarnation runs now).
     Flushed,
     Crash,

@@ -156,6 +156,8 @@ pub struct Metrics {
     pub config_writes: Family<KindStatus, Counter>,
     pub local_policy_reloads: Family<StatusLabel, Counter>,
     pub store_writes: Family<TableStatus, Counter>,
+    pub outbox_depth: Gauge,
+    pub outbox_dropped: Counter,
 }
 
 /// The `reason` label of a disconnect: the proto name without its prefix, lowercase.
@@ -282,6 +284,18 @@ impl Metrics {
             "Transactions of the durable state store by table and outcome (ok, error)",
             store_writes.clone(),
         );
+        let outbox_depth = Gauge::default();
+        agent.register(
+            "outbox_depth",
+            "Events waiting in the durable outbox for the portal's acknowledgement",
+            outbox_depth.clone(),
+        );
+        let outbox_dropped = Counter::default();
+        agent.register(
+            "outbox_dropped",
+            "Session updates dropped from the full outbox (connects and disconnects never are)",
+            outbox_dropped.clone(),
+        );
         let portal_requests = Family::<MethodStatus, Counter>::default();
         agent.register(
             "portal_requests",
@@ -391,6 +405,8 @@ impl Metrics {
             config_writes,
             local_policy_reloads,
             store_writes,
+            outbox_depth,
+            outbox_dropped,
         }
     }
 

@@ -53,6 +53,13 @@ pub struct ReconcileDiff {
     pub closed: Vec<Arc<Session>>,
     /// Sessions present on both sides whose details (state, counters, addresses) changed.
     pub updated: usize,
+    /// Sessions ocserv shows connected that the table did not hold connected (new ones, and
+    /// ones whose connect script has now admitted them), by ID.
+    pub connected: Vec<u32>,
+}
+
+fn is_connected(s: &Session) -> bool {
+    s.state == crate::ocserv::SessionState::Connected
 }
 
 fn same_session(a: &Session, b: &Session) -> bool {
@@ -113,6 +120,13 @@ impl SessionTable {
         let mut diff = ReconcileDiff::default();
         let mut next = BTreeMap::new();
         for mut s in fresh {
+            let was_connected = self
+                .by_id
+                .get(&s.id)
+                .is_some_and(|old| same_session(old, &s) && is_connected(old));
+            if is_connected(&s) && !was_connected {
+                diff.connected.push(s.id);
+            }
             let entry = match self.by_id.remove(&s.id) {
                 Some(old) if same_session(&old, &s) => {
                     if s.counters.is_none() {
@@ -167,10 +181,12 @@ impl SessionTable {
     }
 
     /// Puts one session as ocserv just showed it into the table (between reconciles): added when
-    /// its ID is new or now names another session (the old one replaced), updated when it is the
-    /// same session. Returns true when it was added.
-    pub fn upsert(&mut self, mut s: Session) -> bool {
-        let added = match self.by_id.get(&s.id) {
+    /// its ID is new or now names another session (the old one replaced and returned), updated
+    /// when it is the same session. Returns whether it is newly connected (as
+    /// [`ReconcileDiff::connected`]) and the session it replaced.
+    pub fn upsert(&mut self, mut s: Session) -> (bool, Option<Arc<Session>>) {
+        let newly = is_connected(&s);
+        let (newly, replaced) = match self.by_id.get(&s.id) {
             Some(old) if same_session(old, &s) => {
                 if s.counters.is_none() {
                     s.counters = old.counters;
@@ -179,15 +195,16 @@ impl SessionTable {
                     s.safe_id = old.safe_id.clone();
                 }
                 if **old == s {
-                    return false;
+                    return (false, None);
                 }
-                false
+                (newly && !is_connected(old), None)
             }
-            _ => true,
+            Some(old) => (newly, Some(old.clone())),
+            None => (newly, None),
         };
         self.by_id.insert(s.id, Arc::new(s));
         self.changed();
-        added
+        (newly, replaced)
     }
 }
 
@@ -311,20 +328,130 @@ impl Pending {
     }
 }
 
-/// A session that ended, as its disconnect script reported it: the final counters and duration
-/// (kept for the portal reporting of the next stage).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EndedSession {
-    pub key: SessionKey,
-    pub username: String,
-    pub bytes_in: Option<u64>,
-    pub bytes_out: Option<u64>,
-    pub duration: Option<Duration>,
-    pub ended_at: std::time::SystemTime,
+/// How long a session that left ocserv's list (or that the agent kicked) waits for its
+/// disconnect script's final counters before it is reported ended with the last known ones.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Sessions waiting [`CLOSE_GRACE`] at most, beyond which the oldest are released at once.
+pub const MAX_CLOSING: usize = 10_000;
+
+/// Sessions that ended as far as ocserv's list (or a kick, or the event stream) tells, waiting
+/// briefly for their disconnect script, whose report carries the final counters.
+#[derive(Debug, Default)]
+pub struct Closing {
+    entries: std::collections::VecDeque<ClosingSession>,
 }
 
-/// At most this many ended sessions are kept (oldest dropped first).
-pub const MAX_ENDED: usize = 10_000;
+/// One session in [`Closing`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClosingSession {
+    pub session: Arc<Session>,
+    /// Why it ended, when known (a kick's or the event stream's reason).
+    pub reason: Option<crate::metrics::DisconnectReason>,
+    due: Instant,
+}
+
+impl Closing {
+    /// Adds `session` (once: a second notice keeps the first, completing its reason); returns
+    /// the sessions released at once to stay within [`MAX_CLOSING`].
+    pub fn add(
+        &mut self,
+        session: Arc<Session>,
+        reason: Option<crate::metrics::DisconnectReason>,
+        now: Instant,
+    ) -> Vec<ClosingSession> {
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| same_session(&e.session, &session))
+        {
+            e.reason = e.reason.or(reason);
+            return Vec::new();
+        }
+        self.entries.push_back(ClosingSession {
+            session,
+            reason,
+            due: now + CLOSE_GRACE,
+        });
+        let excess = self.entries.len().saturating_sub(MAX_CLOSING);
+        self.entries.drain(..excess).collect()
+    }
+
+    /// The waiting session that a disconnect script reports (same ID and username).
+    pub fn take(&mut self, id: u32, username: &str) -> Option<ClosingSession> {
+        let at = self
+            .entries
+            .iter()
+            .position(|e| e.session.id == id && e.session.username == username)?;
+        self.entries.remove(at)
+    }
+
+    /// The sessions whose grace has passed at `now`.
+    pub fn due(&mut self, now: Instant) -> Vec<ClosingSession> {
+        let (due, wait): (Vec<_>, Vec<_>) = self.entries.drain(..).partition(|e| e.due <= now);
+        self.entries = wait.into();
+        due
+    }
+
+    /// When the next session is due.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.entries.iter().map(|e| e.due).min()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// The record of a session known only from its disconnect script's report (it ended before
+/// ocserv was asked about it): its connect time derived from `STATS_DURATION`.
+pub fn hook_record(e: &crate::messages::HookEvent) -> crate::store::SessionRecord {
+    let ended =
+        e.at.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+    let lasted = e.duration.map_or(0, |d| d.as_secs());
+    crate::store::SessionRecord {
+        id: e.id,
+        safe_id: None,
+        connected_at: ended.saturating_sub(lasted),
+        username: e.username.clone(),
+        groupname: e.groupname.clone(),
+        client_ip: e.client_ip,
+        vpn_ip: e.vpn_ip,
+        device: e.device.clone(),
+        hostname: String::new(),
+        user_agent: String::new(),
+        vhost: String::new(),
+        bytes_in: e.bytes_in.unwrap_or(0),
+        bytes_out: e.bytes_out.unwrap_or(0),
+    }
+}
+
+/// How many slices `portal.validate_interval` is cut into: one slice per second, at most 300
+/// (so a slice comes every second up to a 5-minute interval, and longer intervals keep 300).
+pub fn validation_slices(interval: Duration) -> u64 {
+    interval.as_secs().clamp(1, 300)
+}
+
+/// The sessions to revalidate in slice `round` of `slices`: each session falls in one slice
+/// (by its identity), so every live session is validated once per interval and a thousand
+/// sessions make a few calls a second, never a burst.
+pub fn validation_slice<'a>(
+    sessions: impl IntoIterator<Item = &'a Session>,
+    round: u64,
+    slices: u64,
+) -> Vec<&'a Session> {
+    let slices = slices.max(1);
+    sessions
+        .into_iter()
+        .filter(|s| is_connected(s))
+        .filter(|s| (u64::from(s.id) ^ s.connected_at.rotate_left(17)) % slices == round % slices)
+        .collect()
+}
 
 /// How far a connect time derived from the script's `STATS_DURATION` may be from the table's
 /// (both in whole seconds, and the script runs a moment after the session ended).
@@ -552,18 +679,31 @@ pub(crate) mod tests {
     fn upsert_adds_replaces_or_updates_one_session() {
         let mut t = SessionTable::default();
         let v0 = t.version();
-        assert!(t.upsert(session(5, "ann", 100)));
+        assert_eq!(
+            t.upsert(session(5, "ann", 100)),
+            (true, None),
+            "new and connected"
+        );
         assert_ne!(t.version(), v0);
         let v1 = t.version();
-        assert!(!t.upsert(session(5, "ann", 100)), "the same session");
+        assert_eq!(
+            t.upsert(session(5, "ann", 100)),
+            (false, None),
+            "the same session"
+        );
         assert_eq!(t.version(), v1, "unchanged: same version");
         let mut later = session(5, "ann", 100);
         later.state = SessionState::AuthFailed;
-        assert!(!t.upsert(later));
+        assert_eq!(t.upsert(later), (false, None));
         assert_eq!(t.get(5).unwrap().state, SessionState::AuthFailed);
-        assert!(
-            t.upsert(session(5, "bob", 200)),
-            "a recycled ID is a new session"
+        let (newly, _) = t.upsert(session(5, "ann", 100));
+        assert!(newly, "connected again after a state that was not");
+        let (newly, replaced) = t.upsert(session(5, "bob", 200));
+        assert!(newly, "a recycled ID is a new session");
+        assert_eq!(
+            replaced.unwrap().username,
+            "ann",
+            "the old one is handed back"
         );
         assert_eq!(t.get(5).unwrap().username, "bob");
         assert_eq!(t.len(), 1);

@@ -146,6 +146,7 @@ fn full_valid_file() {
         reconcile_interval = "1m"
         max_in_flight = 64
         max_queued = 0
+        event_stream = false
         [grpc]
         socket = "/run/a/b.sock"
         allowed_uids = [0, 1000]
@@ -196,6 +197,10 @@ fn full_valid_file() {
         key_file = "/etc/a/key.pem"
         server_name = "10.0.0.1"
         call_timeout = "2s"
+        report_events = false
+        session_update_interval = "0s"
+        validate_interval = "1d"
+        outbox_capacity = 100
         [portal.breaker]
         consecutive_failures = 1000
         failure_rate = 1
@@ -232,6 +237,7 @@ fn full_valid_file() {
     assert_eq!(c.local_policy.path.as_deref(), Some(Path::new("/srv/agent/policy.toml")));
     let po = &c.portal;
     assert_eq!((po.endpoint.as_deref(), po.is_tls(), po.server_name.as_deref()), (Some("https://portal.example.net:8443"), true, Some("10.0.0.1")));
+    assert_eq!((po.reports_events(), po.session_update_interval, po.validate_interval, po.outbox_capacity), (false, secs(0), secs(86_400), 100));
     let files = [&po.ca_file, &po.cert_file, &po.key_file].map(|f| f.as_ref().and_then(|p| p.to_str()));
     assert_eq!(files, [Some("/etc/a/ca.pem"), Some("/etc/a/cert.pem"), Some("/etc/a/key.pem")]);
     let b = po.breaker_settings();
@@ -657,6 +663,8 @@ fn policy_sections_errors_name_the_key() {
         ("[portal]\nserver_name = \"-bad-\"\n", "portal.server_name", "DNS name or an IP address"),
         ("[portal]\nserver_name = \"a..b\"\n", "portal.server_name", "DNS name"),
         ("[portal]\ncall_timeout = \"0s\"\n", "portal.call_timeout", "between 1ms and 1m"),
+        ("[portal]\nreport_events = true\n", "portal.report_events", "true, but portal.endpoint is not set"),
+        ("[ocserv]\nbackend = \"occtl\"\nevent_stream = true\n", "ocserv.event_stream", "needs ocserv.backend = \"native\""),
         ("[portal]\ncall_timeout = \"2s\"\n", "portal.call_timeout", "must be below hook.request_timeout (2s), got 2s"),
         ("[portal]\nbreaker = 5\n", "portal.breaker", "expected a table, got integer 5"),
         ("[portal.breaker]\nconsecutive_failures = 0\n", "portal.breaker.consecutive_failures", "between 1 and 1000"),
@@ -701,7 +709,7 @@ fn subtables_name_unknown_keys_and_tables() {
     let e = load_text("[portal.breaker]\nopen = \"1s\"\n", &[]).unwrap_err();
     assert_eq!(e.to_string(), "invalid configuration: portal.breaker.open: unknown key (expected one of: consecutive_failures, failure_rate, min_calls, open_for, window)");
     let e = load_text("[portal]\nbreakers = 1\n", &[]).unwrap_err();
-    assert_eq!(e.to_string(), "invalid configuration: portal.breakers: unknown key (expected one of: breaker, ca_file, call_timeout, cert_file, endpoint, key_file, server_name)");
+    assert_eq!(e.to_string(), "invalid configuration: portal.breakers: unknown key (expected one of: breaker, ca_file, call_timeout, cert_file, endpoint, key_file, outbox_capacity, report_events, server_name, session_update_interval, validate_interval)");
     assert_errors(&[], &[
         ("[portal.breaker.x]\ny = 1\n", "portal.breaker.x", "unknown key"),
         ("[hook.x]\ny = 1\n", "hook.x", "unknown key (expected one of: allowed_uids, max_connections, request_timeout, socket)"),

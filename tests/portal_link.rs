@@ -2,7 +2,8 @@
 //! (`ocserv_agent::app::start`) beside a fake ocserv, and the tests ask the link directly, as the
 //! policy cache does. mTLS with every field mapped both ways; untrusted peers refused; the call
 //! deadline; the circuit breaker's whole cycle with its gauge; an invalid answer refused whole;
-//! crashes of the actor during calls.
+//! crashes of the actor during calls. Also the double's own `EventService` and `ValidateSession`
+//! recording, which later tests rely on.
 //!
 //! Hermetic: the configuration is built from the embedded defaults (no file under /etc, no
 //! `OCSERV_AGENT__*` variables). Deadlines are generous and nothing asserts speed.
@@ -481,4 +482,120 @@ async fn an_unreadable_tls_file_stops_the_start_naming_its_key() {
     assert!(text.contains("portal.cert_file"), "{text}");
     assert!(!text.contains("PRIVATE KEY"), "{text}");
     assert_eq!(portal.total_calls(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_double_records_events_and_validations() {
+    use ocserv_agent::actors::portal_link;
+    use ocserv_agent::proto::vpn::v1::event_service_client::EventServiceClient;
+    use ocserv_agent::proto::vpn::v1::{
+        ReportConnectRequest, ReportDisconnectRequest, ReportSessionUpdateRequest,
+        ValidateSessionRequest,
+    };
+    use support::portal::Event;
+
+    let portal = PortalDouble::start_tls().await;
+    let mut auth = portal_link::client(&portal.config())
+        .expect("client built")
+        .expect("endpoint configured");
+    // Events over the agent's mTLS client configuration, to the same port.
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(
+        portal_link::tls_config(&portal.config()).expect("client TLS"),
+    ));
+    let addr = portal.addr;
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let tls = tls.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let tls = tls.connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+        }
+    });
+    let mut events = EventServiceClient::new(
+        tonic::transport::Endpoint::from_shared(portal.endpoint.clone())
+            .unwrap()
+            .connect_with_connector_lazy(connector),
+    );
+
+    let meta = |id: &str| [("event_id".to_string(), id.to_string())].into();
+    let connect = ReportConnectRequest {
+        username: "alice".into(),
+        session_id: "s1".into(),
+        metadata: meta("e1"),
+        ..Default::default()
+    };
+    let disconnect = ReportDisconnectRequest {
+        username: "alice".into(),
+        session_id: "s1".into(),
+        metadata: meta("e2"),
+        ..Default::default()
+    };
+    let update = ReportSessionUpdateRequest {
+        username: "bob".into(),
+        session_id: "s2".into(),
+        ..Default::default()
+    };
+    portal.disconnect_on_update("s2", "revoked");
+    portal.invalidate("s2", "account locked");
+
+    for _ in 0..2 {
+        let r = events.report_connect(connect.clone()).await.unwrap();
+        assert!(r.into_inner().success);
+    }
+    portal.set_event_answer(false);
+    let r = events.report_disconnect(disconnect.clone()).await.unwrap();
+    assert!(!r.into_inner().success);
+    portal.set_event_answer(true);
+    let r = events.report_session_update(update.clone()).await.unwrap();
+    let r = r.into_inner();
+    assert!(r.success && r.should_disconnect, "{r:?}");
+    assert_eq!(r.disconnect_reason, "revoked");
+
+    let before = Instant::now();
+    let ask = |session: &str| ValidateSessionRequest {
+        username: "bob".into(),
+        session_id: session.into(),
+        ..Default::default()
+    };
+    let v = auth.validate_session(ask("s2")).await.unwrap().into_inner();
+    assert!(!v.valid && v.force_disconnect, "{v:?}");
+    assert_eq!(v.invalid_reason, "account locked");
+    assert!(
+        auth.validate_session(ask("s1"))
+            .await
+            .unwrap()
+            .into_inner()
+            .valid
+    );
+    let seen = portal.validations();
+    assert_eq!(seen.len(), 2);
+    assert!(seen[0].0 >= before && seen[0].1 == ask("s2"));
+
+    let c = Event::Connect(connect);
+    let (d, u) = (Event::Disconnect(disconnect), Event::Update(update));
+    assert_eq!(
+        portal.events(),
+        [c.clone(), c.clone(), d.clone(), u.clone()]
+    );
+    assert_eq!(portal.unique_events(), [c.clone(), d, u.clone()]);
+    assert_eq!(portal.duplicates(), 1);
+    assert_eq!(
+        (c.event_id(), u.event_id(), u.username()),
+        ("e1", "", "bob")
+    );
+    let got = portal
+        .wait_events(|e| e.len() == 3, Duration::from_secs(5))
+        .await;
+    assert_eq!(got[2].session_id(), "s2");
+
+    // The configured error answers events too (they reached the service: recorded).
+    portal.fail_with(Some((tonic::Code::Unavailable, "down")));
+    let e = events
+        .report_session_update(ReportSessionUpdateRequest::default())
+        .await;
+    assert_eq!(e.unwrap_err().code(), tonic::Code::Unavailable);
+    assert_eq!(portal.events().len(), 5);
+    portal.clear_events();
+    assert!(portal.events().is_empty());
 }

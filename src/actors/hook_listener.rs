@@ -15,8 +15,12 @@
 //!   When the cache cannot answer in time (restarting, say), the answer is what the fail mode
 //!   promises, decided here from the same shared store ([`crate::policy::fallback`]), so the hook
 //!   always gets an answer before its own deadline.
-//! - `disconnect` and `host-update`: handed to the `SessionRegistry` (fire and forget) and
-//!   acknowledged.
+//! - `disconnect` and `host-update`: acknowledged at once, and handed to the `SessionRegistry`
+//!   (as an admitted connect is) by a delivery task that sends again until the registry answers
+//!   (it answers a disconnect once its end is in the durable store), for up to
+//!   [`DELIVERY_DEADLINE`]: a registry that restarts meanwhile still gets it. At most
+//!   [`MAX_DELIVERIES`] deliveries are under way; beyond that a report is dropped (logged), and the
+//!   registry's reconcile finds the session's end on its own.
 //!
 //! Every answer to a connect is counted in `ocserv_agent_hook_decisions_total{reason,decision,
 //! source}` and timed in `ocserv_agent_hook_decision_duration_seconds`.
@@ -163,15 +167,7 @@ async fn answer(
             );
             if verdict.decision.allowed {
                 // The session is pending until ocserv shows it connected.
-                report(HookEvent {
-                    reason: Reason::Connect,
-                    id: request.session_id,
-                    username: request.username.clone(),
-                    bytes_in: None,
-                    bytes_out: None,
-                    duration: None,
-                    at: SystemTime::now(),
-                });
+                report(HookEvent::of(&request, SystemTime::now()));
             } else {
                 tracing::info!(user = %request.username, group = %request.groupname,
                     id = request.session_id, source = verdict.source.as_str(),
@@ -180,16 +176,7 @@ async fn answer(
             response
         }
         Reason::Disconnect | Reason::HostUpdate => {
-            let event = HookEvent {
-                reason: request.reason,
-                id: request.session_id,
-                username: request.username.clone(),
-                bytes_in: request.stats_bytes_in,
-                bytes_out: request.stats_bytes_out,
-                duration: request.stats_duration.map(Duration::from_secs),
-                at: SystemTime::now(),
-            };
-            report(event);
+            report(HookEvent::of(&request, SystemTime::now()));
             // Not a decision: the report is taken (`allowed`), with no policy source.
             ctx.metrics
                 .hook_decision(request.reason.as_str(), "allow", "none", started.elapsed());
@@ -203,12 +190,42 @@ async fn answer(
     }
 }
 
-/// Tells the `SessionRegistry` what a script reported (fire and forget: a registry that is
-/// restarting finds admitted sessions at its first reconcile).
+/// How long a report is sent again while the registry does not answer.
+pub const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Reports being delivered at once, at most.
+pub const MAX_DELIVERIES: usize = 4096;
+
+static DELIVERIES: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_DELIVERIES);
+
+/// Tells the `SessionRegistry` what a script reported, from a task that sends again until the
+/// registry answers (handling a report twice changes nothing).
 fn report(event: HookEvent) {
-    if let Some(registry) = ractor::registry::where_is(super::SESSION_REGISTRY) {
-        let _ = registry.send_message(RegistryMsg::HookEvent(event));
-    }
+    let Ok(slot) = DELIVERIES.try_acquire() else {
+        tracing::error!(id = event.id, user = %event.username, reason = event.reason.as_str(),
+            "too many hook reports being delivered; this one is dropped (the reconcile finds it)");
+        return;
+    };
+    tokio::spawn(async move {
+        let _slot = slot;
+        let deadline = Instant::now() + DELIVERY_DEADLINE;
+        let each = Duration::from_secs(10);
+        loop {
+            let sent = call(super::SESSION_REGISTRY, each, true, |r| {
+                RegistryMsg::HookEvent(event.clone(), Some(r))
+            })
+            .await;
+            match sent {
+                Ok(()) => return,
+                Err(e) if Instant::now() >= deadline => {
+                    tracing::error!(error = %e, id = event.id, user = %event.username,
+                        "hook report not delivered to the session registry; given up");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
 }
 
 /// The verdict for a connect: unsafe names denied here; else the cache's answer, or (when the

@@ -56,7 +56,7 @@
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::{IpNet, Ipv4Net};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -65,13 +65,18 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::actors::{Context, PORTAL_LINK};
+use crate::actors::{AbortOnDrop, Context, PORTAL_LINK};
 use crate::breaker::{Acquire, Breaker, BreakerState, Outcome, Permit};
 use crate::config::{Config, PortalConfig};
-use crate::messages::{PolicyQuery, PortalAnswer, PortalError, PortalMsg};
+use crate::events::EventRequest;
+use crate::messages::{PolicyQuery, PortalAnswer, PortalError, PortalMsg, Validation};
 use crate::policy::Decision;
 use crate::proto::vpn::v1::auth_service_client::AuthServiceClient;
-use crate::proto::vpn::v1::{CheckPolicyRequest, CheckPolicyResponse};
+use crate::proto::vpn::v1::event_service_client::EventServiceClient;
+use crate::proto::vpn::v1::{
+    CheckPolicyRequest, CheckPolicyResponse, ValidateSessionRequest, ValidateSessionResponse,
+};
+use crate::store::SessionRecord;
 
 /// Portal calls in flight at once, across restarts of the actor; beyond it a call is answered
 /// `Unavailable` at once. Single-flight in the policy cache keeps real numbers far below.
@@ -80,8 +85,9 @@ pub const MAX_IN_FLIGHT: usize = 256;
 /// The longest denial reason kept from the portal, in bytes.
 pub const MAX_REASON_LEN: usize = 256;
 
-/// The `method` label of this actor's calls.
+/// The `method` labels of this actor's calls (the events' come from [`EventRequest::method`]).
 const CHECK_POLICY: &str = "CheckPolicy";
+const VALIDATE_SESSION: &str = "ValidateSession";
 
 /// The `service` label of the breaker's gauge.
 const SERVICE: &str = "auth";
@@ -93,6 +99,16 @@ pub struct PortalShared {
     in_flight: Arc<Semaphore>,
     /// When the last call ended and its status label (for `HealthCheck`).
     last_call: Mutex<Option<(Instant, &'static str)>>,
+    /// The outbox drain: whether one runs (at most one, across restarts of the actor), its
+    /// failures in a row, and when the next may start.
+    drain: Mutex<DrainState>,
+}
+
+#[derive(Debug, Default)]
+struct DrainState {
+    running: bool,
+    failures: u32,
+    not_before: Option<Instant>,
 }
 
 impl Default for PortalShared {
@@ -101,6 +117,7 @@ impl Default for PortalShared {
             breaker: Mutex::new(None),
             in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             last_call: Mutex::new(None),
+            drain: Mutex::new(DrainState::default()),
         }
     }
 }
@@ -201,8 +218,15 @@ pub fn tls_config(cfg: &PortalConfig) -> Result<rustls::ClientConfig, PortalSetu
     Ok(config)
 }
 
-/// The client of `[portal]`, connecting lazily; `None` when no endpoint is configured.
+/// The client of `[portal]`'s `AuthService`, connecting lazily; `None` when no endpoint is
+/// configured.
 pub fn client(cfg: &PortalConfig) -> Result<Option<AuthServiceClient<Channel>>, PortalSetupError> {
+    Ok(channel(cfg)?.map(AuthServiceClient::new))
+}
+
+/// The channel to `[portal]` (both of its services), connecting lazily; `None` when no endpoint
+/// is configured.
+pub fn channel(cfg: &PortalConfig) -> Result<Option<Channel>, PortalSetupError> {
     let Some(endpoint) = cfg.endpoint.as_deref() else {
         return Ok(None);
     };
@@ -216,7 +240,7 @@ pub fn client(cfg: &PortalConfig) -> Result<Option<AuthServiceClient<Channel>>, 
             "portal.endpoint is plaintext http: decisions travel unencrypted and unauthenticated \
              (loopback only; use https with mTLS in production)"
         );
-        return Ok(Some(AuthServiceClient::new(ep.connect_lazy())));
+        return Ok(Some(ep.connect_lazy()));
     }
     let uri = ep.uri().clone();
     let host = uri
@@ -244,9 +268,7 @@ pub fn client(cfg: &PortalConfig) -> Result<Option<AuthServiceClient<Channel>>, 
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
         }
     });
-    Ok(Some(AuthServiceClient::new(
-        ep.connect_with_connector_lazy(connector),
-    )))
+    Ok(Some(ep.connect_with_connector_lazy(connector)))
 }
 
 /// The request of `query`, stamped `now`.
@@ -378,7 +400,7 @@ pub fn error_of(status: tonic::Status) -> PortalError {
 }
 
 /// How a call's result counts on the breaker.
-pub fn breaker_outcome(result: &Result<PortalAnswer, PortalError>) -> Outcome {
+pub fn breaker_outcome<T>(result: &Result<T, PortalError>) -> Outcome {
     use tonic::Code;
     match result {
         Ok(_) | Err(PortalError::InvalidAnswer { .. }) => Outcome::Success,
@@ -397,43 +419,316 @@ pub fn breaker_outcome(result: &Result<PortalAnswer, PortalError>) -> Outcome {
     }
 }
 
-/// One call to the portal within `deadline`.
+/// Runs one portal call within `deadline` (sent as `grpc-timeout` and enforced here).
+async fn bounded<T>(
+    deadline: Duration,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, PortalError> {
+    match tokio::time::timeout(deadline, call).await {
+        Err(_) => Err(PortalError::Timeout),
+        Ok(Err(status)) => Err(error_of(status)),
+        Ok(Ok(response)) => Ok(response.into_inner()),
+    }
+}
+
+fn timed<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// One `CheckPolicy` call.
 async fn check_policy(
-    mut client: AuthServiceClient<Channel>,
+    channel: Channel,
     query: PolicyQuery,
     deadline: Duration,
 ) -> Result<PortalAnswer, PortalError> {
-    let mut request = tonic::Request::new(request_of(&query, std::time::SystemTime::now()));
-    request.set_timeout(deadline);
-    match tokio::time::timeout(deadline, client.check_policy(request)).await {
-        Err(_) => Err(PortalError::Timeout),
-        Ok(Err(status)) => Err(error_of(status)),
-        Ok(Ok(response)) => answer_of(response.into_inner()),
+    let request = timed(request_of(&query, SystemTime::now()), deadline);
+    let mut client = AuthServiceClient::new(channel);
+    answer_of(bounded(deadline, client.check_policy(request)).await?)
+}
+
+/// The `ValidateSession` request of one live session.
+pub fn validation_request(s: &SessionRecord, now: SystemTime) -> ValidateSessionRequest {
+    ValidateSessionRequest {
+        username: s.username.clone(),
+        session_id: s.id.to_string(),
+        client_ip: s.client_ip.map(|a| a.to_string()).unwrap_or_default(),
+        request_time: Some(prost_types::Timestamp::from(now)),
     }
+}
+
+/// The portal's answer to `ValidateSession`; its reason cleaned like a denial's.
+pub fn validation_of(r: ValidateSessionResponse) -> Validation {
+    let reason = match r.invalid_reason.trim().is_empty() {
+        true => "invalidated by the portal".to_string(),
+        false => clean_reason(&r.invalid_reason),
+    };
+    Validation {
+        valid: r.valid,
+        force_disconnect: r.force_disconnect,
+        reason,
+    }
+}
+
+/// One `ValidateSession` call.
+async fn validate_session(
+    channel: Channel,
+    session: SessionRecord,
+    deadline: Duration,
+) -> Result<Validation, PortalError> {
+    let request = timed(validation_request(&session, SystemTime::now()), deadline);
+    let mut client = AuthServiceClient::new(channel);
+    Ok(validation_of(
+        bounded(deadline, client.validate_session(request)).await?,
+    ))
+}
+
+/// What the portal said to one event it took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Taken {
+    /// Acknowledged.
+    Acked,
+    /// Acknowledged, and the session must go (`ReportSessionUpdateResponse.should_disconnect`),
+    /// for this reason.
+    Disconnect(String),
+}
+
+/// One `EventService` call: `Ok` when the portal acknowledged the event (`success`); a
+/// `success: false` answer is not an acknowledgement (the event is sent again later).
+async fn report(
+    channel: Channel,
+    event: EventRequest,
+    deadline: Duration,
+) -> Result<Taken, PortalError> {
+    let mut client = EventServiceClient::new(channel);
+    let refused = |message: String| PortalError::InvalidAnswer {
+        field: "success".into(),
+        reason: format!("false: {}", clean_reason(&message)),
+    };
+    match event {
+        EventRequest::Connect(r) => {
+            let a = bounded(deadline, client.report_connect(timed(r, deadline))).await?;
+            a.success
+                .then_some(Taken::Acked)
+                .ok_or_else(|| refused(a.message))
+        }
+        EventRequest::Disconnect(r) => {
+            let a = bounded(deadline, client.report_disconnect(timed(r, deadline))).await?;
+            a.success
+                .then_some(Taken::Acked)
+                .ok_or_else(|| refused(a.message))
+        }
+        EventRequest::Update(r) => {
+            let a = bounded(deadline, client.report_session_update(timed(r, deadline))).await?;
+            match (a.success, a.should_disconnect) {
+                (false, _) => Err(refused(a.disconnect_reason)),
+                (true, false) => Ok(Taken::Acked),
+                (true, true) => {
+                    let why = match a.disconnect_reason.trim().is_empty() {
+                        true => "the portal's session update asked for it".to_string(),
+                        false => clean_reason(&a.disconnect_reason),
+                    };
+                    Ok(Taken::Disconnect(why))
+                }
+            }
+        }
+    }
+}
+
+/// The right to make one portal call: a slot of the in-flight bound and a breaker permit.
+struct Admission {
+    slot: tokio::sync::OwnedSemaphorePermit,
+    permit: Permit,
+}
+
+/// Takes a slot and a breaker permit, or says why not (nothing was sent).
+fn admit(ctx: &Context) -> Result<Admission, PortalError> {
+    let Ok(slot) = ctx.portal.in_flight.clone().try_acquire_owned() else {
+        return Err(PortalError::Unavailable(
+            "too many portal calls in flight".into(),
+        ));
+    };
+    let (acquired, now_state) = {
+        let mut b = ctx.portal.lock();
+        match b.as_mut() {
+            Some(b) => (b.try_acquire(Instant::now()), b.state()),
+            None => (Acquire::Rejected, BreakerState::Open),
+        }
+    };
+    ctx.metrics.set_breaker_state(SERVICE, now_state);
+    match acquired {
+        Acquire::Permit(permit) => Ok(Admission { slot, permit }),
+        Acquire::Rejected => Err(PortalError::BreakerOpen),
+    }
+}
+
+/// Makes one admitted call and accounts for it: metrics, the last call, the breaker (through
+/// whichever incarnation of the actor runs).
+async fn guarded<T>(
+    ctx: &Context,
+    method: &'static str,
+    admission: Admission,
+    call: impl std::future::Future<Output = Result<T, PortalError>>,
+) -> Result<T, PortalError> {
+    let started = Instant::now();
+    let result = call.await;
+    let status = result.as_ref().err().map_or("ok", PortalError::label);
+    ctx.metrics
+        .observe_portal(method, status, Some(started.elapsed()));
+    ctx.portal.call_ended(status);
+    if let Err(e) = &result {
+        tracing::debug!(method, error = %e, probe = admission.permit.is_probe(), "portal call failed");
+    }
+    let outcome = breaker_outcome(&result);
+    if let Some(cell) = ractor::registry::where_is(PORTAL_LINK) {
+        let permit = admission.permit;
+        let _ = cell.send_message(PortalMsg::CallEnded { permit, outcome });
+    }
+    drop(admission.slot);
+    result
+}
+
+/// Outbox events read per round of a drain.
+pub const DRAIN_BATCH: usize = 256;
+
+/// Sessions whose events go out side by side in a drain.
+pub const DRAIN_AT_ONCE: usize = 16;
+
+/// The delay before the drain after `failures` failed ones in a row.
+fn drain_backoff(failures: u32) -> Duration {
+    crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30), 2.0)
+        .map_or(Duration::from_secs(1), |b| {
+            b.delay(failures.saturating_sub(1))
+        })
+}
+
+/// Sends the outbox's events until it is empty or a call fails (the breaker open, the portal
+/// down or refusing an event): `Ok` when empty.
+async fn drain_outbox(ctx: &Arc<Context>, channel: &Channel) -> Result<(), PortalError> {
+    loop {
+        let store_ctx = ctx.clone();
+        let peeked = tokio::task::spawn_blocking(move || store_ctx.store.outbox_peek(DRAIN_BATCH))
+            .await
+            .map_err(|e| PortalError::Unavailable(format!("outbox read task failed: {e}")))?
+            .map_err(|e| PortalError::Unavailable(e.to_string()))?;
+        if peeked.events.is_empty() && peeked.unreadable.is_empty() {
+            return Ok(());
+        }
+        if !peeked.unreadable.is_empty() {
+            tracing::error!(entries = ?peeked.unreadable, "unreadable outbox entries removed (never sent)");
+        }
+        let mut done = peeked.unreadable;
+        let mut failed = None;
+        let mut groups = tokio::task::JoinSet::new();
+        for group in crate::events::by_session(peeked.events) {
+            if groups.len() >= DRAIN_AT_ONCE {
+                if let Some(Ok((acked, err))) = groups.join_next().await {
+                    done.extend(acked);
+                    failed = failed.or(err);
+                }
+            }
+            groups.spawn(send_group(ctx.clone(), channel.clone(), group));
+        }
+        while let Some(joined) = groups.join_next().await {
+            if let Ok((acked, err)) = joined {
+                done.extend(acked);
+                failed = failed.or(err);
+            }
+        }
+        let store_ctx = ctx.clone();
+        let removed =
+            tokio::task::spawn_blocking(move || store_ctx.store.outbox_remove(&done)).await;
+        match removed {
+            Ok(Ok(depth)) => {
+                ctx.metrics.outbox_depth.set(depth as i64);
+            }
+            Ok(Err(e)) => return Err(PortalError::Unavailable(e.to_string())),
+            Err(e) => return Err(PortalError::Unavailable(format!("outbox task failed: {e}"))),
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+    }
+}
+
+/// Sends one session's events in order, stopping at the first failure; returns the sequence
+/// numbers acknowledged and the failure.
+async fn send_group(
+    ctx: Arc<Context>,
+    channel: Channel,
+    group: Vec<(u64, crate::store::OutboxEvent)>,
+) -> (Vec<u64>, Option<PortalError>) {
+    let mut acked = Vec::new();
+    let (agent_id, deadline) = {
+        let cfg = ctx.config();
+        (cfg.agent.id.clone(), cfg.portal.call_timeout)
+    };
+    for (seq, event) in group {
+        let request = crate::events::request_of(&event, &agent_id);
+        let method = request.method();
+        let sent = match admit(&ctx) {
+            Ok(admission) => {
+                let call = report(channel.clone(), request, deadline);
+                guarded(&ctx, method, admission, call).await
+            }
+            Err(e) => {
+                ctx.metrics.observe_portal(method, e.label(), None);
+                Err(e)
+            }
+        };
+        match sent {
+            Ok(taken) => {
+                acked.push(seq);
+                if let Taken::Disconnect(why) = taken {
+                    let s = &event.session;
+                    let key = crate::ocserv::SessionKey {
+                        id: s.id,
+                        safe_id: s.safe_id.clone(),
+                        connected_at: s.connected_at,
+                    };
+                    let (ctx, user) = (ctx.clone(), s.username.clone());
+                    let deadline = Instant::now() + 2 * ctx.config().ocserv.request_timeout;
+                    tokio::spawn(async move {
+                        crate::grpc::portal_kick(
+                            &ctx,
+                            "ReportSessionUpdate",
+                            key,
+                            &user,
+                            &why,
+                            deadline,
+                        )
+                        .await;
+                    });
+                }
+            }
+            Err(e) => return (acked, Some(e)),
+        }
+    }
+    (acked, None)
 }
 
 pub struct PortalLink;
 
 pub struct PortalState {
     ctx: Arc<Context>,
-    client: Option<AuthServiceClient<Channel>>,
+    channel: Option<Channel>,
     /// The configuration the client and breaker were built from.
     built_from: Arc<Config>,
+    _drain_ticker: Option<AbortOnDrop>,
 }
 
 impl PortalState {
-    /// Follows a SIGHUP: a new client when `[portal]` changed (the old one stays when the new
-    /// one cannot be built), a new breaker when its settings changed.
     fn follow_config(&mut self) {
         let live = self.ctx.config();
         if Arc::ptr_eq(&live, &self.built_from) {
             return;
         }
         if live.portal != self.built_from.portal {
-            match client(&live.portal) {
+            match channel(&live.portal) {
                 Ok(c) => {
                     tracing::info!(endpoint = ?live.portal.endpoint, "portal client rebuilt");
-                    self.client = c;
+                    self.channel = c;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "new [portal] settings unusable; keeping the old client");
@@ -444,64 +739,89 @@ impl PortalState {
         self.built_from = live;
     }
 
-    /// Answers at once (not configured, too busy, breaker open) or starts the call's task.
-    fn start_call(
+    /// Starts one call in a task, behind the in-flight bound and the breaker; the task answers.
+    fn start<T, F>(
         &self,
-        request: PolicyQuery,
-        reply: RpcReplyPort<Result<PortalAnswer, PortalError>>,
-    ) {
+        method: &'static str,
+        reply: RpcReplyPort<Result<T, PortalError>>,
+        call: impl FnOnce(Channel, Duration) -> F,
+    ) where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, PortalError>> + Send + 'static,
+    {
         let ctx = &self.ctx;
-        let Some(client) = self.client.clone() else {
-            return answer_now(ctx, reply, PortalError::NotConfigured);
+        let admitted = match &self.channel {
+            None => Err(PortalError::NotConfigured),
+            Some(_) => admit(ctx),
         };
-        let Ok(slot) = ctx.portal.in_flight.clone().try_acquire_owned() else {
-            let busy = PortalError::Unavailable("too many portal calls in flight".into());
-            return answer_now(ctx, reply, busy);
-        };
-        let (acquired, now_state) = {
-            let mut b = ctx.portal.lock();
-            match b.as_mut() {
-                Some(b) => (b.try_acquire(Instant::now()), b.state()),
-                // ensure_breaker ran in pre_start; an unusable setting never gets here.
-                None => (Acquire::Rejected, BreakerState::Open),
+        let admission = match admitted {
+            Ok(a) => a,
+            Err(e) => {
+                ctx.metrics.observe_portal(method, e.label(), None);
+                let _ = reply.send(Err(e));
+                return;
             }
         };
-        ctx.metrics.set_breaker_state(SERVICE, now_state);
-        let permit: Permit = match acquired {
-            Acquire::Permit(p) => p,
-            Acquire::Rejected => return answer_now(ctx, reply, PortalError::BreakerOpen),
+        let Some(channel) = self.channel.clone() else {
+            return;
         };
-        let (ctx, deadline) = (ctx.clone(), self.built_from.portal.call_timeout);
+        let future = call(channel, self.built_from.portal.call_timeout);
+        let ctx = ctx.clone();
         tokio::spawn(async move {
-            let started = Instant::now();
-            let result = check_policy(client, request, deadline).await;
-            let status = result.as_ref().err().map_or("ok", PortalError::label);
-            ctx.metrics
-                .observe_portal(CHECK_POLICY, status, Some(started.elapsed()));
-            ctx.portal.call_ended(status);
-            if let Err(e) = &result {
-                tracing::debug!(error = %e, probe = permit.is_probe(), "portal call failed");
-            }
-            // Recorded before the caller hears the answer, so its next call sees the breaker
-            // updated. Sent to whichever incarnation is registered now.
-            let outcome = breaker_outcome(&result);
-            if let Some(cell) = ractor::registry::where_is(PORTAL_LINK) {
-                let _ = cell.send_message(PortalMsg::CallEnded { permit, outcome });
-            }
+            let result = guarded(&ctx, method, admission, future).await;
             let _ = reply.send(result);
-            drop(slot);
+        });
+    }
+
+    /// Starts a drain of the outbox unless one runs, it is backing off, or events are not
+    /// reported.
+    fn drain(&self) {
+        let Some(channel) = self.channel.clone() else {
+            return;
+        };
+        if !self.built_from.portal.reports_events() {
+            return;
+        }
+        {
+            let mut d = self
+                .ctx
+                .portal
+                .drain
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let waiting = d.not_before.is_some_and(|t| Instant::now() < t);
+            if d.running || waiting {
+                return;
+            }
+            d.running = true;
+        }
+        let ctx = self.ctx.clone();
+        tokio::spawn(async move {
+            let result = drain_outbox(&ctx, &channel).await;
+            let mut d = ctx.portal.drain.lock().unwrap_or_else(|p| p.into_inner());
+            d.running = false;
+            match result {
+                Ok(()) => {
+                    d.failures = 0;
+                    d.not_before = None;
+                }
+                Err(e) => {
+                    d.failures = d.failures.saturating_add(1);
+                    let delay = drain_backoff(d.failures);
+                    d.not_before = Some(Instant::now() + delay);
+                    tracing::debug!(error = %e, retry_in = ?delay, "outbox drain stopped");
+                }
+            }
         });
     }
 }
 
-/// Creates the shared breaker, or replaces it when `[portal.breaker]` changed; sets the gauge.
 fn ensure_breaker(ctx: &Context, cfg: &PortalConfig) {
     let settings = cfg.breaker_settings();
     let mut slot = ctx.portal.lock();
     if slot.as_ref().is_none_or(|b| *b.settings() != settings) {
         match Breaker::new(settings, rand::random()) {
             Ok(b) => *slot = Some(b),
-            // A validated config never gets here; keep what there is.
             Err(e) => {
                 tracing::error!(error = %e, "portal.breaker unusable; keeping the old breaker")
             }
@@ -511,15 +831,8 @@ fn ensure_breaker(ctx: &Context, cfg: &PortalConfig) {
     ctx.metrics.set_breaker_state(SERVICE, state);
 }
 
-fn answer_now(
-    ctx: &Context,
-    reply: RpcReplyPort<Result<PortalAnswer, PortalError>>,
-    error: PortalError,
-) {
-    ctx.metrics
-        .observe_portal(CHECK_POLICY, error.label(), None);
-    let _ = reply.send(Err(error));
-}
+/// How often the actor looks at the outbox on its own (besides being told of new events).
+pub const DRAIN_EVERY: Duration = Duration::from_secs(1);
 
 impl Actor for PortalLink {
     type Msg = PortalMsg;
@@ -528,19 +841,21 @@ impl Actor for PortalLink {
 
     async fn pre_start(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let built_from = ctx.config();
-        let client = client(&built_from.portal)?;
-        if client.is_none() {
+        let channel = channel(&built_from.portal)?;
+        if channel.is_none() {
             tracing::debug!("no portal.endpoint: portal calls are answered NotConfigured");
         }
         ensure_breaker(&ctx, &built_from.portal);
+        let ticker = myself.send_interval(DRAIN_EVERY, || PortalMsg::Drain);
         Ok(PortalState {
             ctx,
-            client,
+            channel,
             built_from,
+            _drain_ticker: Some(ticker.into()),
         })
     }
 
@@ -553,7 +868,15 @@ impl Actor for PortalLink {
         state.follow_config();
         let ctx = &state.ctx;
         match msg {
-            PortalMsg::CheckPolicy { request, reply } => state.start_call(request, reply),
+            PortalMsg::CheckPolicy { request, reply } => {
+                state.start(CHECK_POLICY, reply, |c, d| check_policy(c, request, d))
+            }
+            PortalMsg::Validate { session, reply } => {
+                state.start(VALIDATE_SESSION, reply, |c, d| {
+                    validate_session(c, session, d)
+                })
+            }
+            PortalMsg::Drain => state.drain(),
             PortalMsg::CallEnded { permit, outcome } => {
                 let mut b = ctx.portal.lock();
                 if let Some(b) = b.as_mut() {
@@ -680,7 +1003,7 @@ mod tests {
 
     #[test]
     fn only_a_portal_that_does_not_decide_is_a_breaker_failure() {
-        let status = |code| {
+        let status = |code| -> Result<PortalAnswer, PortalError> {
             Err(PortalError::Status {
                 code,
                 message: String::new(),
@@ -703,12 +1026,12 @@ mod tests {
             assert_eq!(breaker_outcome(&status(code)), Outcome::Success, "{code:?}");
         }
         assert_eq!(
-            breaker_outcome(&Err(PortalError::Timeout)),
+            breaker_outcome::<()>(&Err(PortalError::Timeout)),
             Outcome::Failure
         );
-        let down = Err(PortalError::Unavailable("refused".into()));
+        let down: Result<(), _> = Err(PortalError::Unavailable("refused".into()));
         assert_eq!(breaker_outcome(&down), Outcome::Failure);
-        let bad = Err(PortalError::InvalidAnswer {
+        let bad: Result<(), _> = Err(PortalError::InvalidAnswer {
             field: "routes[0]".into(),
             reason: "x".into(),
         });

@@ -18,28 +18,62 @@
 //! so it enters the table within about a second rather than at the next reconcile; one still not
 //! connected after the last check is left to the reconcile (the plain rule: [`Pending`]).
 //!
+//! Reporting: every change of what the agent knows about sessions becomes a [`Change`] saved
+//! through `StateStore` into the durable snapshot and outbox ([`crate::store`]), one save at a
+//! time, in order, sent again after a failure (every change is idempotent, so a save that
+//! committed but was not answered does no harm). A session is reported connected once ocserv
+//! shows it connected (confirmed shortly after the hook's verdict, or found by a reconcile); it
+//! is reported ended when its disconnect script reports it (final counters; the hook listener
+//! waits for the save and sends again until it is made), or, when it left ocserv's list, was
+//! kicked by the agent or ended on the event stream, after [`CLOSE_GRACE`] waiting for that
+//! script, with the last known counters. The reason is the agent's kick's (`ADMIN_FORCED`,
+//! `POLICY_VIOLATION`), else the event stream's, else `UNSPECIFIED`. Every
+//! `portal.session_update_interval` each live session's counters are saved as an update.
+//!
+//! Revalidation: `portal.validate_interval` is cut into slices ([`validation_slices`], one a
+//! second); each tick asks the portal's `ValidateSession` about the sessions of one slice, a few
+//! at a time, from a task; `force_disconnect` kicks that very session (`POLICY_VIOLATION`,
+//! audited).
+//!
+//! Event stream (`ocserv.event_stream`): a task holds ocserv's TOP stream (resubscribing after
+//! any failure) and passes disconnects with their reason; the actor fails if that task ever
+//! ends, so it is restarted.
+//!
 //! Restart: the table is not kept across a crash; `pre_start` rebuilds it with one reconcile
-//! against ocserv (the source of truth) before the first query is answered.
+//! against ocserv (the source of truth) before the first query is answered, and the first
+//! successful reconcile of each incarnation is saved as a [`Change::Resync`]: the store reports
+//! the sessions that ended meanwhile (reason unknown, last known counters) and the ones it never
+//! heard of, and leaves the others alone (never reported twice).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::actors::{call, AbortOnDrop, Context, OCSERV_CTL};
+use crate::actors::{call, AbortOnDrop, Context, OCSERV_CTL, PORTAL_LINK, STATE_STORE};
 use crate::hook_proto::Reason;
 use crate::messages::{
-    CtlMsg, HookEvent, ReconcileError, ReconcileReport, ReconcileResult, RegistryMsg, SessionsView,
+    CtlMsg, HookEvent, PortalMsg, ReconcileError, ReconcileReport, ReconcileResult, RegistryMsg,
+    SessionsView, StoreMsg,
 };
-use crate::ocserv::Session;
+use crate::metrics::DisconnectReason;
+use crate::ocserv::{Session, SessionKey};
 use crate::registry::{
-    AfterFetch, Check, EndedSession, Forgotten, Pending, ReconcileDiff, SessionTable, SyncState,
-    CONFIRM_AFTER, MAX_ENDED,
+    hook_record, validation_slice, validation_slices, AfterFetch, Check, Closing, ClosingSession,
+    Forgotten, Pending, ReconcileDiff, SessionTable, SyncState, CLOSE_GRACE, CONFIRM_AFTER,
 };
+use crate::store::{unix_ms, Change, SessionRecord};
 
 pub struct SessionRegistry;
 
 type Waiter = RpcReplyPort<ReconcileResult>;
+type HookWaiter = RpcReplyPort<()>;
+
+/// Unsaved changes kept at most while the store fails: beyond it, updates are dropped first.
+pub const MAX_UNSAVED: usize = 100_000;
+
+/// Validation calls of one slice in flight at once.
+const VALIDATIONS_AT_ONCE: usize = 4;
 
 pub struct RegistryState {
     ctx: Arc<Context>,
@@ -49,11 +83,24 @@ pub struct RegistryState {
     last_error: Option<ReconcileError>,
     /// Reconcile requests that arrived while a fetch was under way: served by the next one.
     pending: Vec<Waiter>,
-    /// Sessions whose disconnect script reported their end, newest last (bounded).
-    ended: std::collections::VecDeque<EndedSession>,
     /// Sessions the connect hook admitted that ocserv does not show connected yet.
     admitted: Pending,
+    /// Sessions that ended, waiting briefly for their disconnect script.
+    closing: Closing,
+    /// This incarnation's first successful reconcile has been queued as a resync.
+    resynced: bool,
+    /// Changes not yet saved, oldest first, and the hook reports waiting for them.
+    unsaved: Vec<Change>,
+    unsaved_waiters: Vec<HookWaiter>,
+    saving: bool,
+    save_failures: u32,
+    validate_round: u64,
     _ticker: Option<AbortOnDrop>,
+    close_timer: Option<AbortOnDrop>,
+    save_timer: Option<AbortOnDrop>,
+    update_timer: Option<AbortOnDrop>,
+    validate_timer: Option<AbortOnDrop>,
+    _stream: Option<AbortOnDrop>,
 }
 
 /// Asks ocserv for the status figures and the session list.
@@ -67,6 +114,10 @@ async fn fetch(ctx: &Context) -> Result<Vec<Session>, ReconcileError> {
     call(OCSERV_CTL, timeout, true, CtlMsg::List)
         .await?
         .map_err(|e| ReconcileError::Ocserv(Arc::new(e)))
+}
+
+fn connected(s: &Session) -> bool {
+    s.state == crate::ocserv::SessionState::Connected
 }
 
 impl RegistryState {
@@ -85,20 +136,42 @@ impl RegistryState {
             Ok(fresh) => {
                 let fresh = self.forgotten.filter(fresh, fetch);
                 self.admitted.confirm_listed(&fresh);
-                let ReconcileDiff { opened, closed, .. } = self.table.reconcile(fresh);
+                let ReconcileDiff {
+                    opened,
+                    closed,
+                    connected: now_connected,
+                    ..
+                } = self.table.reconcile(fresh);
                 for s in &closed {
                     tracing::info!(session = %s.key(), "session closed");
-                    self.ended_on_its_own(&s.key());
                 }
                 for id in &opened {
                     tracing::info!(id, "session opened");
+                }
+                if self.resynced {
+                    for id in &now_connected {
+                        if let Some(s) = self.table.get(*id) {
+                            let change = Change::Opened(SessionRecord::of(s));
+                            self.queue(myself, change, None);
+                        }
+                    }
+                } else {
+                    let live = self.table.sessions(None).filter(|s| connected(s));
+                    let live = live.map(|s| SessionRecord::of(s)).collect();
+                    let at_ms = unix_ms(SystemTime::now());
+                    self.resynced = true;
+                    self.queue(myself, Change::Resync { live, at_ms }, None);
+                }
+                let closed_count = closed.len();
+                for s in closed.into_iter().filter(|s| connected(s)) {
+                    self.closing_add(myself, s, None);
                 }
                 self.ctx.health.synced();
                 self.last_error = None;
                 Ok(ReconcileReport {
                     sessions: self.table.len(),
                     opened: opened.len(),
-                    closed: closed.len(),
+                    closed: closed_count,
                 })
             }
             Err(e) => {
@@ -114,14 +187,154 @@ impl RegistryState {
         outcome
     }
 
-    /// Counts a session that ended without the agent kicking it (its reason is not known
-    /// without ocserv's event stream). A session the agent kicks is counted once, with the
-    /// kick's reason, when the kick's `Forget` arrives, whichever notice comes first.
-    fn ended_on_its_own(&self, key: &crate::ocserv::SessionKey) {
-        if self.ctx.kicks.reason_of(key).is_none() {
-            self.ctx
-                .metrics
-                .session_ended(crate::metrics::DisconnectReason::Unspecified);
+    /// Queues `change` for saving (with the hook report waiting for it) and saves.
+    fn queue(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        change: Change,
+        waiter: Option<HookWaiter>,
+    ) {
+        self.unsaved.push(change);
+        self.unsaved_waiters.extend(waiter);
+        if self.unsaved.len() > MAX_UNSAVED {
+            let before = self.unsaved.len();
+            self.unsaved.retain(|c| !matches!(c, Change::Update { .. }));
+            tracing::error!(
+                dropped = before - self.unsaved.len(),
+                "the state store is not keeping up; unsaved session updates dropped"
+            );
+        }
+        self.save(myself);
+    }
+
+    /// Sends everything unsaved to `StateStore` in one save, unless one is under way or a retry
+    /// is waiting.
+    fn save(&mut self, myself: &ActorRef<RegistryMsg>) {
+        if self.saving || self.save_timer.is_some() || self.unsaved.is_empty() {
+            return;
+        }
+        self.saving = true;
+        let changes = std::mem::take(&mut self.unsaved);
+        let waiters = std::mem::take(&mut self.unsaved_waiters);
+        let me = myself.clone();
+        let bound = self
+            .ctx
+            .config()
+            .supervisor
+            .call_timeout
+            .max(Duration::from_secs(10));
+        tokio::spawn(async move {
+            let saved = call(STATE_STORE, bound, true, |reply| StoreMsg::Record {
+                changes: changes.clone(),
+                reply,
+            })
+            .await;
+            let ok = matches!(saved, Ok(Ok(())));
+            if !ok {
+                tracing::warn!(result = ?saved, "session changes not saved yet; sending them again");
+            }
+            let changes = if ok { Vec::new() } else { changes };
+            let _ = me.send_message(RegistryMsg::Saved {
+                ok,
+                changes,
+                waiters,
+            });
+        });
+    }
+
+    fn on_saved(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        ok: bool,
+        mut changes: Vec<Change>,
+        mut waiters: Vec<HookWaiter>,
+    ) {
+        self.saving = false;
+        if ok {
+            self.save_failures = 0;
+            for w in waiters {
+                let _ = w.send(());
+            }
+        } else {
+            changes.append(&mut self.unsaved);
+            self.unsaved = changes;
+            waiters.append(&mut self.unsaved_waiters);
+            self.unsaved_waiters = waiters;
+            let delay = crate::backoff::Backoff::new(
+                Duration::from_millis(100),
+                Duration::from_secs(5),
+                2.0,
+            )
+            .map_or(Duration::from_secs(1), |b| b.delay(self.save_failures));
+            self.save_failures = self.save_failures.saturating_add(1);
+            self.save_timer = Some(myself.send_after(delay, || RegistryMsg::SaveNow).into());
+            return;
+        }
+        self.save(myself);
+    }
+
+    /// Why the session `key` ended: the agent's kick, else what is known, else unspecified.
+    fn reason(&self, key: &SessionKey, known: Option<DisconnectReason>) -> DisconnectReason {
+        self.ctx
+            .kicks
+            .reason_of(key)
+            .or(known)
+            .unwrap_or(DisconnectReason::Unspecified)
+    }
+
+    /// Queues the end of a session.
+    fn close(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        session: SessionRecord,
+        reason: DisconnectReason,
+        ended_at: SystemTime,
+        duration: Option<Duration>,
+        waiter: Option<HookWaiter>,
+    ) {
+        tracing::info!(id = session.id, user = %session.username, reason = crate::metrics::reason_label(reason),
+            bytes_in = session.bytes_in, bytes_out = session.bytes_out, "session ended");
+        let change = Change::Closed {
+            session,
+            ended_at_ms: unix_ms(ended_at),
+            reason,
+            duration: duration.map(|d| d.as_secs()),
+        };
+        self.queue(myself, change, waiter);
+    }
+
+    /// A session that ended as ocserv's list, a kick or the event stream tells: it waits
+    /// [`CLOSE_GRACE`] for its disconnect script.
+    fn closing_add(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        s: Arc<Session>,
+        reason: Option<DisconnectReason>,
+    ) {
+        for released in self.closing.add(s, reason, Instant::now()) {
+            self.close_waited(myself, released);
+        }
+        if self.close_timer.is_none() {
+            let after = CLOSE_GRACE + Duration::from_millis(10);
+            self.close_timer = Some(myself.send_after(after, || RegistryMsg::CloseDue).into());
+        }
+    }
+
+    /// Reports a session whose disconnect script did not come in time (last known counters).
+    fn close_waited(&mut self, myself: &ActorRef<RegistryMsg>, c: ClosingSession) {
+        let reason = self.reason(&c.session.key(), c.reason);
+        let record = SessionRecord::of(&c.session);
+        self.close(myself, record, reason, SystemTime::now(), None, None);
+    }
+
+    fn on_close_due(&mut self, myself: &ActorRef<RegistryMsg>) {
+        self.close_timer = None;
+        for c in self.closing.due(Instant::now()) {
+            self.close_waited(myself, c);
+        }
+        if let Some(next) = self.closing.next_due() {
+            let after = next.saturating_duration_since(Instant::now()) + Duration::from_millis(10);
+            self.close_timer = Some(myself.send_after(after, || RegistryMsg::CloseDue).into());
         }
     }
 
@@ -191,8 +404,16 @@ impl RegistryState {
         match self.admitted.check(id, &username, seen.as_deref()) {
             Check::Confirmed => {
                 if let Some(s) = seen {
-                    if self.table.upsert(*s) {
+                    let record = SessionRecord::of(&s);
+                    let (newly, replaced) = self.table.upsert(*s);
+                    if let Some(old) = replaced.filter(|old| connected(old)) {
+                        self.closing_add(myself, old, None);
+                    }
+                    if newly {
                         tracing::info!(id, user = %username, "session opened (confirmed after its connect)");
+                        if self.resynced {
+                            self.queue(myself, Change::Opened(record), None);
+                        }
                     }
                     self.publish_gauge();
                 }
@@ -205,53 +426,162 @@ impl RegistryState {
     }
 
     /// An admitted connect makes its session pending (confirmed with ocserv shortly); a
-    /// disconnect ends the session it names (final counters kept in `ended`); a host-update
-    /// (new addresses after DTLS) asks ocserv again at once.
-    fn on_hook_event(&mut self, myself: &ActorRef<RegistryMsg>, e: HookEvent) {
+    /// disconnect ends the session it names, with its final counters; a host-update (new
+    /// addresses after DTLS) asks ocserv again at once.
+    fn on_hook_event(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        e: HookEvent,
+        waiter: Option<HookWaiter>,
+    ) {
         match e.reason {
             Reason::Connect => {
                 if self.admitted.admit(e.id, &e.username) {
-                    self.check_pending(myself, e.id, e.username, CONFIRM_AFTER[0]);
+                    self.check_pending(myself, e.id, e.username.clone(), CONFIRM_AFTER[0]);
                 }
+                waiter.map(|w| w.send(()));
             }
-            Reason::HostUpdate => self.start_fetch(myself, None),
-            Reason::Disconnect => {
-                let now =
-                    e.at.duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_secs());
-                let Some(key) = self.table.disconnected(e.id, &e.username, e.duration, now) else {
-                    // Ended before it was confirmed: still a session that ended (unless the
-                    // agent kicked it: then its Forget counts it).
-                    let pending = self.admitted.forget(e.id, &e.username);
-                    if pending && !self.ctx.kicks.kicked_id(e.id) {
-                        self.ctx
-                            .metrics
-                            .session_ended(crate::metrics::DisconnectReason::Unspecified);
-                    }
-                    tracing::debug!(id = e.id, user = %e.username,
-                        "disconnect report for a session the registry does not hold");
-                    return;
-                };
-                tracing::info!(session = %key, user = %e.username, bytes_in = ?e.bytes_in,
-                    bytes_out = ?e.bytes_out, duration = ?e.duration, "session ended");
-                self.table.remove(std::slice::from_ref(&key));
-                self.ended_on_its_own(&key);
-                self.forgotten
-                    .add([key.clone()], self.sync.latest_started());
-                if self.ended.len() >= MAX_ENDED {
-                    self.ended.pop_front();
-                }
-                self.ended.push_back(EndedSession {
-                    key,
-                    username: e.username,
-                    bytes_in: e.bytes_in,
-                    bytes_out: e.bytes_out,
-                    duration: e.duration,
-                    ended_at: e.at,
-                });
-                self.publish_gauge();
+            Reason::HostUpdate => {
+                self.start_fetch(myself, None);
+                waiter.map(|w| w.send(()));
             }
+            Reason::Disconnect => self.on_disconnect(myself, e, waiter),
         }
+    }
+
+    fn on_disconnect(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        e: HookEvent,
+        waiter: Option<HookWaiter>,
+    ) {
+        let now =
+            e.at.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+        let finals = |mut r: SessionRecord| {
+            r.bytes_in = e.bytes_in.unwrap_or(r.bytes_in);
+            r.bytes_out = e.bytes_out.unwrap_or(r.bytes_out);
+            r
+        };
+        let held = self.table.disconnected(e.id, &e.username, e.duration, now);
+        let (record, known) = match held {
+            Some(key) => {
+                let removed = self.table.remove(std::slice::from_ref(&key));
+                self.forgotten.add([key], self.sync.latest_started());
+                self.publish_gauge();
+                let record = removed.first().map(|s| SessionRecord::of(s));
+                (record.map(finals).unwrap_or_else(|| hook_record(&e)), None)
+            }
+            None => match self.closing.take(e.id, &e.username) {
+                Some(c) => (finals(SessionRecord::of(&c.session)), c.reason),
+                None => {
+                    // Not confirmed yet (or already reported ended: the store then does
+                    // nothing): known from the script alone.
+                    self.admitted.forget(e.id, &e.username);
+                    let known = self.ctx.kicks.reason_of_id(e.id);
+                    (hook_record(&e), known)
+                }
+            },
+        };
+        let key = SessionKey {
+            id: record.id,
+            safe_id: record.safe_id.clone(),
+            connected_at: record.connected_at,
+        };
+        let reason = self.reason(&key, known);
+        self.close(myself, record, reason, e.at, e.duration, waiter);
+    }
+
+    /// Sessions the agent disconnected: out of the table at once, reported ended (with the
+    /// kick's reason) once their script reported or the grace passed.
+    fn on_forget(&mut self, myself: &ActorRef<RegistryMsg>, keys: Vec<SessionKey>) {
+        for s in self.table.remove(&keys) {
+            let reason = self.ctx.kicks.reason_of(&s.key());
+            self.closing_add(myself, s, reason);
+        }
+        self.forgotten.add(keys, self.sync.latest_started());
+        self.publish_gauge();
+    }
+
+    /// Sessions the event stream says ended, with ocserv's reason.
+    fn on_stream_ended(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        ended: Vec<(Session, DisconnectReason)>,
+    ) {
+        for (s, reason) in ended {
+            let key = s.key();
+            let held = self.table.remove(std::slice::from_ref(&key));
+            let session = held.into_iter().next().unwrap_or_else(|| Arc::new(s));
+            self.forgotten.add([key], self.sync.latest_started());
+            self.closing_add(myself, session, Some(reason));
+        }
+        self.publish_gauge();
+    }
+
+    fn arm_updates(&mut self, myself: &ActorRef<RegistryMsg>) {
+        let every = self.ctx.config().portal.session_update_interval;
+        // Disabled (0s): look again later, a SIGHUP may enable it.
+        let after = if every.is_zero() {
+            Duration::from_secs(10)
+        } else {
+            every
+        };
+        self.update_timer = Some(myself.send_after(after, || RegistryMsg::UpdateDue).into());
+    }
+
+    /// Saves every live session's counters (a `ReportSessionUpdate` each).
+    fn on_update_due(&mut self, myself: &ActorRef<RegistryMsg>) {
+        self.arm_updates(myself);
+        let cfg = self.ctx.config();
+        if cfg.portal.session_update_interval.is_zero() || !cfg.portal.reports_events() {
+            return;
+        }
+        let at_ms = unix_ms(SystemTime::now());
+        let updates: Vec<_> = self
+            .table
+            .sessions(None)
+            .filter(|s| connected(s))
+            .map(|s| Change::Update {
+                session: SessionRecord::of(s),
+                at_ms,
+            })
+            .collect();
+        for u in updates {
+            self.queue(myself, u, None);
+        }
+    }
+
+    fn arm_validation(&mut self, myself: &ActorRef<RegistryMsg>) {
+        let every = self.ctx.config().portal.validate_interval;
+        let after = match every.is_zero() {
+            true => Duration::from_secs(10),
+            false => every / validation_slices(every) as u32,
+        };
+        self.validate_timer = Some(myself.send_after(after, || RegistryMsg::ValidateDue).into());
+    }
+
+    /// Asks the portal about the next slice of live sessions, from a task.
+    fn on_validate_due(&mut self, myself: &ActorRef<RegistryMsg>) {
+        self.arm_validation(myself);
+        let cfg = self.ctx.config();
+        let every = cfg.portal.validate_interval;
+        if every.is_zero() || cfg.portal.endpoint.is_none() {
+            return;
+        }
+        self.validate_round = self.validate_round.wrapping_add(1);
+        let slice: Vec<SessionRecord> = validation_slice(
+            self.table.sessions(None).map(|s| s.as_ref()),
+            self.validate_round,
+            validation_slices(every),
+        )
+        .into_iter()
+        .map(SessionRecord::of)
+        .collect();
+        if slice.is_empty() {
+            return;
+        }
+        tokio::spawn(validate(self.ctx.clone(), slice));
     }
 
     fn view(&mut self, username: Option<&str>) -> SessionsView {
@@ -268,6 +598,44 @@ impl RegistryState {
     }
 }
 
+/// Asks the portal about each session of `slice`, a few at a time; kicks those it wants gone.
+async fn validate(ctx: Arc<Context>, slice: Vec<SessionRecord>) {
+    let mut calls = tokio::task::JoinSet::new();
+    for session in slice {
+        if calls.len() >= VALIDATIONS_AT_ONCE {
+            calls.join_next().await;
+        }
+        calls.spawn(validate_one(ctx.clone(), session));
+    }
+    while calls.join_next().await.is_some() {}
+}
+
+async fn validate_one(ctx: Arc<Context>, session: SessionRecord) {
+    let bound = ctx.config().portal.call_timeout + ctx.config().supervisor.call_timeout;
+    let asked = call(PORTAL_LINK, bound, false, |reply| PortalMsg::Validate {
+        session: session.clone(),
+        reply,
+    })
+    .await;
+    match asked {
+        Ok(Ok(v)) if v.force_disconnect => {
+            let key = SessionKey {
+                id: session.id,
+                safe_id: session.safe_id.clone(),
+                connected_at: session.connected_at,
+            };
+            let deadline = Instant::now() + bound + ctx.config().ocserv.request_timeout;
+            let user = &session.username;
+            crate::grpc::portal_kick(&ctx, "ValidateSession", key, user, &v.reason, deadline).await;
+        }
+        Ok(Ok(v)) if !v.valid => tracing::info!(id = session.id, user = %session.username,
+            reason = %v.reason, "the portal says the session is invalid (not forced off)"),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, id = session.id, "session not revalidated"),
+        Err(e) => tracing::debug!(error = %e, id = session.id, "session not revalidated"),
+    }
+}
+
 /// [`fetch`] under one overall bound, so a dead ocserv cannot hold a fetch forever.
 async fn fetch_bounded(ctx: &Context) -> Result<Vec<Session>, ReconcileError> {
     let cfg = ctx.config();
@@ -277,6 +645,44 @@ async fn fetch_bounded(ctx: &Context) -> Result<Vec<Session>, ReconcileError> {
         .unwrap_or(Err(ReconcileError::Actor(
             crate::messages::CallError::Timeout(OCSERV_CTL),
         )))
+}
+
+/// Holds ocserv's event stream and passes its disconnects to this incarnation; the actor is
+/// told (and fails) if the task ever ends.
+fn follow_stream(ctx: &Context, myself: &ActorRef<RegistryMsg>) -> AbortOnDrop {
+    let cfg = ctx.config();
+    let (socket, timeout) = (
+        cfg.ocserv.control_socket.clone(),
+        cfg.ocserv.request_timeout,
+    );
+    let me = myself.clone();
+    let backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30), 2.0)
+            .expect("valid backoff");
+    let task = tokio::spawn(crate::ocserv::top::follow(
+        socket,
+        timeout,
+        backoff,
+        move |event| {
+            if event.connected {
+                return;
+            }
+            let reason = event
+                .cause
+                .map_or(DisconnectReason::Unspecified, |c| c.reason());
+            let ended = event.sessions.into_iter().map(|s| (s, reason)).collect();
+            let _ = me.send_message(RegistryMsg::Ended(ended));
+        },
+    ));
+    let handle = AbortOnDrop(task.abort_handle());
+    let me = myself.clone();
+    tokio::spawn(async move {
+        // Cancelled when this incarnation stops; anything else is the task dying.
+        if !task.await.is_err_and(|e| e.is_cancelled()) {
+            let _ = me.send_message(RegistryMsg::StreamEnded);
+        }
+    });
+    handle
 }
 
 impl Actor for SessionRegistry {
@@ -290,6 +696,11 @@ impl Actor for SessionRegistry {
         ctx: Arc<Context>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let interval = ctx.config().ocserv.reconcile_interval;
+        let stream = ctx
+            .config()
+            .ocserv
+            .event_stream
+            .then(|| follow_stream(&ctx, &myself));
         let mut state = RegistryState {
             ctx: ctx.clone(),
             table: SessionTable::default(),
@@ -297,11 +708,24 @@ impl Actor for SessionRegistry {
             forgotten: Forgotten::default(),
             last_error: None,
             pending: Vec::new(),
-            ended: Default::default(),
             admitted: Pending::default(),
+            closing: Closing::default(),
+            resynced: false,
+            unsaved: Vec::new(),
+            unsaved_waiters: Vec::new(),
+            saving: false,
+            save_failures: 0,
+            validate_round: rand::random(),
             _ticker: None,
+            close_timer: None,
+            save_timer: None,
+            update_timer: None,
+            validate_timer: None,
+            _stream: stream,
         };
         state.arm_tick(&myself, interval);
+        state.arm_updates(&myself);
+        state.arm_validation(&myself);
         // Rebuild from ocserv before answering anything; bounded so a dead ocserv cannot hold up
         // the start (a failure is retried early, see `SyncState::finish`).
         let fetch = state.sync.begin().unwrap_or_default();
@@ -345,20 +769,26 @@ impl Actor for SessionRegistry {
                     state.start_fetch(&myself, None);
                 }
             }
-            RegistryMsg::Forget(keys) => {
-                state.table.remove(&keys);
-                // Every key is a session the agent disconnected: counted here, once.
-                for key in &keys {
-                    let reason = state.ctx.kicks.reason_of(key);
-                    let reason = reason.unwrap_or(crate::metrics::DisconnectReason::Unspecified);
-                    state.ctx.metrics.session_ended(reason);
-                }
-                state.forgotten.add(keys, state.sync.latest_started());
-                state.publish_gauge();
-            }
-            RegistryMsg::HookEvent(event) => state.on_hook_event(&myself, event),
+            RegistryMsg::Forget(keys) => state.on_forget(&myself, keys),
+            RegistryMsg::HookEvent(event, waiter) => state.on_hook_event(&myself, event, waiter),
             RegistryMsg::PendingChecked { id, username, seen } => {
                 state.on_pending_checked(&myself, id, username, seen)
+            }
+            RegistryMsg::Saved {
+                ok,
+                changes,
+                waiters,
+            } => state.on_saved(&myself, ok, changes, waiters),
+            RegistryMsg::SaveNow => {
+                state.save_timer = None;
+                state.save(&myself);
+            }
+            RegistryMsg::CloseDue => state.on_close_due(&myself),
+            RegistryMsg::UpdateDue => state.on_update_due(&myself),
+            RegistryMsg::ValidateDue => state.on_validate_due(&myself),
+            RegistryMsg::Ended(ended) => state.on_stream_ended(&myself, ended),
+            RegistryMsg::StreamEnded => {
+                return Err("the ocserv event stream task ended".into());
             }
             RegistryMsg::Crash => {
                 panic!("chaos: crash requested for {}", super::SESSION_REGISTRY)

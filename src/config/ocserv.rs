@@ -18,6 +18,10 @@ section! {
         /// How often sessions are reconciled against ocserv's own list (finds sessions the hooks
         /// missed, closes vanished ones, refreshes counters).
         #[serde(with = "human")] reconcile_interval: Duration = secs(10), in ms(100)..=secs(3600),
+        /// Hold ocserv's event stream (TOP) for immediate disconnect reasons (idle timeout, DPD,
+        /// user, server). ocserv has one listener slot: while the agent holds it, an admin's
+        /// `occtl show events` gets nothing. Native backend only.
+        event_stream: bool = false,
         /// Calls to ocserv in flight at once (its main loop is single-threaded).
         max_in_flight: usize = 4, in 1..=64,
         /// Calls waiting beyond `max_in_flight` before new ones are refused.
@@ -28,6 +32,10 @@ section! {
 impl OcservConfig {
     fn rules(&self) -> Result<(), ConfigError> {
         absolute("ocserv.control_socket", &self.control_socket)?;
-        absolute("ocserv.occtl_path", &self.occtl_path)
+        absolute("ocserv.occtl_path", &self.occtl_path)?;
+        if self.event_stream && self.backend != BackendKind::Native {
+            return fail("ocserv.event_stream", "needs ocserv.backend = \"native\"");
+        }
+        Ok(())
     }
 }

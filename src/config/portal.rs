@@ -31,6 +31,21 @@ section! {
         /// Deadline of one call to the portal; past it the call counts as failed and the
         /// connect is answered by `policy.fail_mode`. Below `hook.request_timeout`.
         #[serde(with = "human")] call_timeout: Duration = secs(1), in ms(1)..=secs(60),
+        /// Report every session's connect and disconnect (and periodic updates) to the
+        /// portal's `vpn.v1.EventService` through the durable outbox. Not set: on when
+        /// `endpoint` is set. `true` without an endpoint is refused.
+        report_events: Option<bool> = None,
+        /// How often every live session's counters go to the portal
+        /// (`ReportSessionUpdate`, whose `should_disconnect` kicks the session); `0s` disables.
+        #[serde(with = "human")] session_update_interval: Duration = secs(60), in secs(0)..=secs(86_400),
+        /// How often every live session is revalidated with the portal's
+        /// `AuthService.ValidateSession` (spread over the interval, in small batches;
+        /// `force_disconnect` kicks the session); `0s` disables.
+        #[serde(with = "human")] validate_interval: Duration = secs(300), in secs(0)..=secs(86_400),
+        /// Events kept for the portal until it acknowledges them. When full, the oldest
+        /// `ReportSessionUpdate`s are dropped first; connects and disconnects are never dropped
+        /// (the outbox may then hold more than this, and says so in the log).
+        outbox_capacity: usize = 100_000, in 100..=10_000_000,
         /// The circuit breaker in front of the portal.
         breaker: PortalBreakerConfig = PortalBreakerConfig::default(),
     }
@@ -117,7 +132,18 @@ impl PortalConfig {
                 }
             }
         }
+        if self.report_events == Some(true) && self.endpoint.is_none() {
+            return fail(
+                "portal.report_events",
+                "true, but portal.endpoint is not set",
+            );
+        }
         self.breaker.validate()
+    }
+
+    /// Whether events go to the portal: `report_events`, by default on with an endpoint.
+    pub fn reports_events(&self) -> bool {
+        self.endpoint.is_some() && self.report_events != Some(false)
     }
 
     /// The TLS file keys with their values, in the order they are checked.

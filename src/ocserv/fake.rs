@@ -13,6 +13,12 @@
 //! answer at all. [`FakeOcserv::with_sessions`] is a ready-made handler over a session table
 //! ([`SessionTable`]) with the LIST reply encoded once, for the benchmarks' 10 000 sessions.
 //!
+//! TOP (command 11), the one request ocserv answers with a stream: [`Act::top`] answers with the
+//! initial session list and keeps the connection open, writing whatever the test pushes through
+//! the returned [`TopFeed`] ([`TopFeed::event`] builds TOP_UPDATE_REP frames, see
+//! [`top_update_frame`]); dropping the feed closes the connection. [`FakeOcserv::with_top`] is a
+//! ready-made handler giving the test one feed per subscription.
+//!
 //! How it runs: on its own OS thread with a single-threaded tokio runtime, so it works the same
 //! under `#[test]`, `#[tokio::test]` (any flavour) and in a benchmark, and never competes with the
 //! caller's runtime for worker slots. The socket lives in a fresh directory under the system temp
@@ -101,6 +107,59 @@ pub enum Act {
     Close,
     /// Never answer; the connection stays open until the fake is dropped.
     Hang,
+    /// Stream, as ocserv answers TOP: these bytes first, then every byte string pushed through
+    /// the [`TopFeed`] paired with the receiver, as it comes; close once every clone of the feed
+    /// is dropped or the client closes. Build with [`Act::top`]. The receiver is taken by the
+    /// first connection answered with it: a clone of this `Act` used again closes right after
+    /// its first bytes.
+    Stream(Vec<u8>, FeedRx),
+}
+
+/// The fake's end of a [`TopFeed`] (see [`Act::Stream`]).
+#[derive(Debug, Clone)]
+pub struct FeedRx(Arc<Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>>>);
+
+/// The test's end of a streamed answer ([`Act::top`]): what is pushed here is written to the
+/// subscriber in order. Dropping every clone closes the connection after what was pushed.
+#[derive(Debug, Clone)]
+pub struct TopFeed(tokio::sync::mpsc::UnboundedSender<Vec<u8>>);
+
+impl TopFeed {
+    /// Writes `bytes` as they are: a frame, part of one, garbage. False once the connection is
+    /// gone (closed by the client, or the fake dropped).
+    pub fn push(&self, bytes: impl Into<Vec<u8>>) -> bool {
+        self.0.send(bytes.into()).is_ok()
+    }
+
+    /// Pushes one TOP_UPDATE_REP frame (see [`top_update_frame`]).
+    pub fn event(
+        &self,
+        connected: bool,
+        reason: Option<u32>,
+        reason_txt: Option<&str>,
+        users: Vec<pb::UserInfoRep>,
+    ) -> bool {
+        self.push(top_update_frame(connected, reason, reason_txt, users))
+    }
+}
+
+/// A TOP_UPDATE_REP frame (code 109) as ocserv sends one: `connected` 1 or 0, `discon_reason`
+/// and `discon_reason_txt` only when given (ocserv sets them for disconnects with a known
+/// reason), the session(s) as a `user_list_rep`.
+pub fn top_update_frame(
+    connected: bool,
+    reason: Option<u32>,
+    reason_txt: Option<&str>,
+    users: Vec<pb::UserInfoRep>,
+) -> Vec<u8> {
+    let body = pb::TopUpdateRep {
+        connected: Some(u32::from(connected)),
+        discon_reason: reason,
+        discon_reason_txt: reason_txt.map(str::to_owned),
+        user: Some(pb::UserListRep { user: users }),
+    }
+    .encode_to_vec();
+    codec::encode_frame(109, &body)
 }
 
 impl Act {
@@ -128,6 +187,23 @@ impl Act {
                 user: users.into_iter().collect(),
             }
             .encode_to_vec(),
+        )
+    }
+
+    /// A TOP answer: the `user_list_rep` of `initial` (code 104), then what is pushed through
+    /// the returned feed, on the same connection (see [`Act::Stream`]).
+    pub fn top(initial: impl IntoIterator<Item = pb::UserInfoRep>) -> (Act, TopFeed) {
+        let body = pb::UserListRep {
+            user: initial.into_iter().collect(),
+        }
+        .encode_to_vec();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (
+            Act::Stream(
+                codec::encode_frame(104, &body),
+                FeedRx(Arc::new(Mutex::new(Some(rx)))),
+            ),
+            TopFeed(tx),
         )
     }
 }
@@ -192,6 +268,24 @@ impl FakeOcserv {
         );
         fake.table = Some(table);
         fake
+    }
+
+    /// Answers every TOP request with `initial` and a stream ([`Act::top`]) whose feed is sent
+    /// to the returned receiver, one per subscription, in order; any other command is closed
+    /// without a reply. Requests are recorded.
+    pub fn with_top(
+        initial: Vec<pb::UserInfoRep>,
+    ) -> (FakeOcserv, tokio::sync::mpsc::UnboundedReceiver<TopFeed>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let fake = Self::start(move |code, _| {
+            if code != codec::Command::Top.code() {
+                return Act::Close;
+            }
+            let (act, feed) = Act::top(initial.iter().cloned());
+            let _ = tx.send(feed);
+            act
+        });
+        (fake, rx)
     }
 
     fn serve(handler: Handler, record: Option<Arc<Mutex<Vec<Request>>>>) -> FakeOcserv {
@@ -324,6 +418,32 @@ async fn one_request(
         }
         Act::Close => {}
         Act::Hang => std::future::pending::<()>().await,
+        Act::Stream(first, rx) => {
+            let rx = rx.0.lock().expect("fake ocserv feed lock").take();
+            if conn.write_all(&first).await.is_err() {
+                return;
+            }
+            let Some(mut rx) = rx else { return };
+            let (mut reader, mut writer) = conn.split();
+            loop {
+                tokio::select! {
+                    pushed = rx.recv() => match pushed {
+                        Some(bytes) => {
+                            if writer.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    // ocserv sends nothing more after a TOP request; the client closing ends
+                    // the stream (and makes the feed's pushes fail).
+                    read = reader.read(&mut chunk) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                }
+            }
+        }
     }
 }
 

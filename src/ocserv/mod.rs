@@ -11,6 +11,7 @@ pub mod fake;
 pub mod native;
 pub mod occtl;
 pub mod occtl_json;
+pub mod top;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;

@@ -1,6 +1,6 @@
-//! The portal test double: a real tonic server of `vpn.v1.AuthService` on loopback (TCP port
-//! 0), over mTLS with certificates generated at test time (into a tempdir, never committed), or
-//! plaintext.
+//! The portal test double: a real tonic server of `vpn.v1.AuthService` and `vpn.v1.EventService`
+//! (both on the same port and connections) on loopback (TCP port 0), over mTLS with certificates
+//! generated at test time (into a tempdir, never committed), or plaintext.
 //!
 //! The test controls the answer per user ([`PortalDouble::answer`], default: allow with nothing),
 //! an added latency ([`PortalDouble::set_latency`]), an error status returned to everybody
@@ -9,24 +9,40 @@
 //! `CheckPolicy` calls per user (a call is counted when it reached the service, i.e. after a
 //! successful mTLS handshake, before the latency) and keeps the last request per user.
 //!
+//! `ValidateSession` answers valid unless the session was [`PortalDouble::invalidate`]d; every
+//! request is kept with its arrival time ([`PortalDouble::validations`]).
+//!
+//! Every `EventService` request that reached the service is kept in arrival order
+//! ([`PortalDouble::events`], duplicates included); [`PortalDouble::unique_events`] is what a
+//! portal that drops duplicates of `metadata["event_id"]` keeps. Events are answered `success`
+//! ([`PortalDouble::set_event_answer`]) and a session update can ask for the session's disconnect
+//! ([`PortalDouble::disconnect_on_update`]). Latency and error apply to every call of both
+//! services.
+//!
 //! ```ignore
 //! let portal = PortalDouble::start_tls().await;
 //! portal.answer("alice", PortalDouble::allow(&["10.1.0.0/16"], &["10.1.0.53"]));
 //! config.portal = portal.config();          // endpoint, CA, client cert and key, server name
 //! assert_eq!(portal.calls("alice"), 1);
+//! portal.wait_events(|e| e.len() == 1, Duration::from_secs(10)).await;
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use ocserv_agent::config::PortalConfig;
 use ocserv_agent::proto::vpn::v1::auth_service_server::{AuthService, AuthServiceServer};
+use ocserv_agent::proto::vpn::v1::event_service_server::{EventService, EventServiceServer};
 use ocserv_agent::proto::vpn::v1::{
-    CheckPolicyRequest, CheckPolicyResponse, ValidateSessionRequest, ValidateSessionResponse,
+    CheckPolicyRequest, CheckPolicyResponse, ReportConnectRequest, ReportConnectResponse,
+    ReportDisconnectRequest, ReportDisconnectResponse, ReportSessionUpdateRequest,
+    ReportSessionUpdateResponse, ValidateSessionRequest, ValidateSessionResponse,
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -42,6 +58,61 @@ pub enum Answer {
     Fail(tonic::Code, String),
 }
 
+/// One `EventService` request as the double received it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Connect(ReportConnectRequest),
+    Disconnect(ReportDisconnectRequest),
+    Update(ReportSessionUpdateRequest),
+}
+
+impl Event {
+    /// `metadata["event_id"]`, `""` when missing.
+    pub fn event_id(&self) -> &str {
+        let metadata = match self {
+            Event::Connect(r) => &r.metadata,
+            Event::Disconnect(r) => &r.metadata,
+            Event::Update(r) => &r.metadata,
+        };
+        metadata.get("event_id").map_or("", String::as_str)
+    }
+
+    /// The request's `session_id`.
+    pub fn session_id(&self) -> &str {
+        match self {
+            Event::Connect(r) => &r.session_id,
+            Event::Disconnect(r) => &r.session_id,
+            Event::Update(r) => &r.session_id,
+        }
+    }
+
+    /// The request's `username`.
+    pub fn username(&self) -> &str {
+        match self {
+            Event::Connect(r) => &r.username,
+            Event::Disconnect(r) => &r.username,
+            Event::Update(r) => &r.username,
+        }
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self {
+            Event::Connect(_) => "connect",
+            Event::Disconnect(_) => "disconnect",
+            Event::Update(_) => "update",
+        };
+        write!(
+            f,
+            "{kind} user={:?} session_id={:?} event_id={:?}",
+            self.username(),
+            self.session_id(),
+            self.event_id()
+        )
+    }
+}
+
 #[derive(Default)]
 struct Control {
     answers: HashMap<String, Answer>,
@@ -50,6 +121,28 @@ struct Control {
     error: Option<(tonic::Code, String)>,
     calls: HashMap<String, u64>,
     last: HashMap<String, CheckPolicyRequest>,
+    events: Vec<Event>,
+    /// Events are answered `success: false`.
+    events_refused: bool,
+    /// Session id → the disconnect reason a session update of it is answered.
+    kick_on_update: HashMap<String, String>,
+    /// Session id → why `ValidateSession` says it is invalid.
+    invalid: HashMap<String, String>,
+    validations: Vec<(Instant, ValidateSessionRequest)>,
+}
+
+impl Control {
+    /// What every call goes through, taken when it reached the service: the latency, then the
+    /// configured error if any.
+    fn hold(&self) -> impl Future<Output = Result<(), tonic::Status>> + use<> {
+        let (latency, error) = (self.latency, self.error.clone());
+        async move {
+            tokio::time::sleep(latency).await;
+            error.map_or(Ok(()), |(code, message)| {
+                Err(tonic::Status::new(code, message))
+            })
+        }
+    }
 }
 
 #[derive(Clone, Default)]
@@ -61,6 +154,23 @@ impl Service {
     fn lock(&self) -> std::sync::MutexGuard<'_, Control> {
         self.control.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// Records `event`, then answers what `answer` makes of it (taken on arrival) after
+    /// [`Control::hold`].
+    async fn report<R>(
+        &self,
+        event: Event,
+        answer: impl FnOnce(&Control, &Event) -> R,
+    ) -> Result<tonic::Response<R>, tonic::Status> {
+        let (hold, response) = {
+            let mut c = self.lock();
+            let response = answer(&c, &event);
+            c.events.push(event);
+            (c.hold(), response)
+        };
+        hold.await?;
+        Ok(tonic::Response::new(response))
+    }
 }
 
 #[tonic::async_trait]
@@ -70,17 +180,14 @@ impl AuthService for Service {
         request: tonic::Request<CheckPolicyRequest>,
     ) -> Result<tonic::Response<CheckPolicyResponse>, tonic::Status> {
         let req = request.into_inner();
-        let (latency, error, answer) = {
+        let (hold, answer) = {
             let mut c = self.lock();
             *c.calls.entry(req.username.clone()).or_default() += 1;
             c.last.insert(req.username.clone(), req.clone());
             let answer = c.answers.get(&req.username).or(c.default.as_ref()).cloned();
-            (c.latency, c.error.clone(), answer)
+            (c.hold(), answer)
         };
-        tokio::time::sleep(latency).await;
-        if let Some((code, message)) = error {
-            return Err(tonic::Status::new(code, message));
-        }
+        hold.await?;
         match answer.unwrap_or_else(|| Answer::Respond(PortalDouble::allow(&[], &[]))) {
             Answer::Respond(r) => Ok(tonic::Response::new(r)),
             Answer::Fail(code, message) => Err(tonic::Status::new(code, message)),
@@ -89,13 +196,79 @@ impl AuthService for Service {
 
     async fn validate_session(
         &self,
-        _request: tonic::Request<ValidateSessionRequest>,
+        request: tonic::Request<ValidateSessionRequest>,
     ) -> Result<tonic::Response<ValidateSessionResponse>, tonic::Status> {
-        Ok(tonic::Response::new(ValidateSessionResponse {
-            valid: true,
-            ..Default::default()
-        }))
+        let req = request.into_inner();
+        let (hold, response) = {
+            let mut c = self.lock();
+            let response = match c.invalid.get(&req.session_id) {
+                Some(reason) => ValidateSessionResponse {
+                    valid: false,
+                    invalid_reason: reason.clone(),
+                    force_disconnect: true,
+                },
+                None => ValidateSessionResponse {
+                    valid: true,
+                    ..Default::default()
+                },
+            };
+            c.validations.push((Instant::now(), req));
+            (c.hold(), response)
+        };
+        hold.await?;
+        Ok(tonic::Response::new(response))
     }
+}
+
+#[tonic::async_trait]
+impl EventService for Service {
+    async fn report_connect(
+        &self,
+        request: tonic::Request<ReportConnectRequest>,
+    ) -> Result<tonic::Response<ReportConnectResponse>, tonic::Status> {
+        self.report(Event::Connect(request.into_inner()), |c, _| {
+            ReportConnectResponse {
+                success: !c.events_refused,
+                ..Default::default()
+            }
+        })
+        .await
+    }
+
+    async fn report_disconnect(
+        &self,
+        request: tonic::Request<ReportDisconnectRequest>,
+    ) -> Result<tonic::Response<ReportDisconnectResponse>, tonic::Status> {
+        self.report(Event::Disconnect(request.into_inner()), |c, _| {
+            ReportDisconnectResponse {
+                success: !c.events_refused,
+                ..Default::default()
+            }
+        })
+        .await
+    }
+
+    async fn report_session_update(
+        &self,
+        request: tonic::Request<ReportSessionUpdateRequest>,
+    ) -> Result<tonic::Response<ReportSessionUpdateResponse>, tonic::Status> {
+        self.report(Event::Update(request.into_inner()), |c, e| {
+            let kick = c.kick_on_update.get(e.session_id());
+            ReportSessionUpdateResponse {
+                success: !c.events_refused,
+                should_disconnect: kick.is_some(),
+                disconnect_reason: kick.cloned().unwrap_or_default(),
+            }
+        })
+        .await
+    }
+}
+
+/// `events` without the later ones of an `event_id` already seen (events without one are kept).
+fn unique(mut events: Vec<Event>) -> Vec<Event> {
+    let mut seen = HashSet::new();
+    events.retain(|e| e.event_id().is_empty() || seen.insert(e.event_id().to_string()));
+    events
 }
 
 /// The certificates of one double, as PEM files in a tempdir.
@@ -255,7 +428,10 @@ impl PortalDouble {
 
     fn serve(&self, listener: TcpListener) {
         let mut set = JoinSet::new();
-        let (service, acceptor) = (self.service.clone(), self.acceptor.clone());
+        let routes = tonic::service::Routes::new(AuthServiceServer::new(self.service.clone()))
+            .add_service(EventServiceServer::new(self.service.clone()))
+            .prepare();
+        let acceptor = self.acceptor.clone();
         set.spawn(async move {
             let mut conns = JoinSet::new();
             loop {
@@ -266,11 +442,10 @@ impl PortalDouble {
                 // As a real gRPC server does: small answers must not wait on Nagle and the
                 // client's delayed ACK (measured: overlapping calls stalled about 40 ms).
                 let _ = tcp.set_nodelay(true);
-                let (service, acceptor) = (service.clone(), acceptor.clone());
+                let (routes, acceptor) = (routes.clone(), acceptor.clone());
                 conns.spawn(async move {
-                    let svc = hyper_util::service::TowerToHyperService::new(
-                        AuthServiceServer::new(service),
-                    );
+                    // Both services behind one connection, as the portal serves them.
+                    let svc = hyper_util::service::TowerToHyperService::new(routes);
                     let http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
                     match acceptor {
                         Some(acceptor) => {
@@ -366,7 +541,8 @@ impl PortalDouble {
         self.lock().latency = latency;
     }
 
-    /// Every call is answered with this status (after the latency); `None` ends it.
+    /// Every call (of both services) is answered with this status (after the latency); `None`
+    /// ends it.
     pub fn fail_with(&self, error: Option<(tonic::Code, &str)>) {
         self.lock().error = error.map(|(c, m)| (c, m.to_string()));
     }
@@ -384,5 +560,77 @@ impl PortalDouble {
     /// The last request received for `user`.
     pub fn last_request(&self, user: &str) -> Option<CheckPolicyRequest> {
         self.lock().last.get(user).cloned()
+    }
+
+    /// Every `EventService` request that reached the service, in arrival order, duplicates
+    /// included.
+    pub fn events(&self) -> Vec<Event> {
+        self.lock().events.clone()
+    }
+
+    /// [`PortalDouble::events`] without the later duplicates (same non-empty
+    /// `metadata["event_id"]`): what a portal that drops duplicates keeps.
+    pub fn unique_events(&self) -> Vec<Event> {
+        unique(self.events())
+    }
+
+    /// How many events [`PortalDouble::unique_events`] dropped as duplicates.
+    pub fn duplicates(&self) -> usize {
+        let events = self.events();
+        events.len() - unique(events.clone()).len()
+    }
+
+    /// Forgets the events received so far.
+    pub fn clear_events(&self) {
+        self.lock().events.clear();
+    }
+
+    /// The `success` every event is answered from now on (default `true`).
+    pub fn set_event_answer(&self, success: bool) {
+        self.lock().events_refused = !success;
+    }
+
+    /// Session updates of `session_id` are answered `should_disconnect` with this reason.
+    pub fn disconnect_on_update(&self, session_id: &str, reason: &str) {
+        self.lock()
+            .kick_on_update
+            .insert(session_id.to_string(), reason.to_string());
+    }
+
+    /// `ValidateSession` of `session_id` is answered invalid, with `force_disconnect`, from now on.
+    pub fn invalidate(&self, session_id: &str, reason: &str) {
+        self.lock()
+            .invalid
+            .insert(session_id.to_string(), reason.to_string());
+    }
+
+    /// Every `ValidateSession` request that reached the service, with its arrival time.
+    pub fn validations(&self) -> Vec<(Instant, ValidateSessionRequest)> {
+        self.lock().validations.clone()
+    }
+
+    /// The unique events once `pred` holds for them (polled every 20 ms); panics, listing every
+    /// event received, when `timeout` passes first.
+    pub async fn wait_events(
+        &self,
+        pred: impl Fn(&[Event]) -> bool,
+        timeout: Duration,
+    ) -> Vec<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let events = self.unique_events();
+            if pred(&events) {
+                return events;
+            }
+            if Instant::now() >= deadline {
+                let received: Vec<String> = self.events().iter().map(Event::to_string).collect();
+                panic!(
+                    "the portal's events did not match within {timeout:?}; received {}:\n  {}",
+                    received.len(),
+                    received.join("\n  ")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -6,7 +6,8 @@
 //! corrupt or foreign file, another agent holding it) stops the start with [`EXIT_STORE`] and a
 //! message naming the file: the agent never starts on an empty store silently.
 //!
-//! Tables: `meta` (the schema version); `policy_decisions` (the portal's decisions the policy
+//! Tables: `meta` (the schema version); the session snapshot and the portal outbox
+//! ([`sessions`]); `policy_decisions` (the portal's decisions the policy
 //! cache holds, with their wall-clock fetch time, so that an agent restarted during a portal
 //! outage still honours `fail_mode = "stale"` for users it admitted before); `audit` (every
 //! management action: when, who, what, with which arguments, and the result; the newest
@@ -23,6 +24,11 @@ use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::Decision;
+
+mod sessions;
+pub use sessions::{
+    Change, EventKind, OutboxEvent, Peeked, Recorded, Reporting, SessionRecord, ENDED_KEEP,
+};
 
 /// The store's file in `agent.state_dir`.
 pub const FILE_NAME: &str = "state.redb";
@@ -139,7 +145,8 @@ impl StoredDecision {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(t: SystemTime) -> u64 {
     let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
     u64::try_from(ms).unwrap_or(u64::MAX)
 }
@@ -180,6 +187,8 @@ pub struct Store {
     path: PathBuf,
     /// [`AUDIT_KEEP`] (smaller in tests).
     audit_keep: u64,
+    /// When ended sessions' tombstones were last pruned (Unix ms).
+    last_prune_ms: std::sync::Mutex<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -222,6 +231,7 @@ impl Store {
             db,
             path,
             audit_keep: AUDIT_KEEP,
+            last_prune_ms: Default::default(),
         };
         store.check_schema().map_err(|e| match e {
             StoreError::Failed { path, reason } => StoreError::Open { path, reason },
@@ -232,6 +242,16 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether tombstones are due for pruning (at most once a minute).
+    fn prune_due(&self, now_ms: u64) -> bool {
+        let mut last = self.last_prune_ms.lock().unwrap_or_else(|p| p.into_inner());
+        let due = now_ms.saturating_sub(*last) >= 60_000;
+        if due {
+            *last = now_ms;
+        }
+        due
     }
 
     fn failed(&self, reason: impl std::fmt::Display) -> StoreError {
@@ -264,6 +284,13 @@ impl Store {
             }
             tx.open_table(DECISIONS).map_err(|e| self.failed(e))?;
             tx.open_table(AUDIT).map_err(|e| self.failed(e))?;
+            tx.open_table(sessions::SESSIONS)
+                .map_err(|e| self.failed(e))?;
+            tx.open_table(sessions::ENDED).map_err(|e| self.failed(e))?;
+            tx.open_table(sessions::OUTBOX)
+                .map_err(|e| self.failed(e))?;
+            tx.open_table(sessions::OUTBOX_UPDATES)
+                .map_err(|e| self.failed(e))?;
         }
         tx.commit().map_err(|e| self.failed(e))
     }
