@@ -597,7 +597,9 @@ pub const DRAIN_AT_ONCE: usize = 16;
 
 /// The delay before the drain after `failures` failed ones in a row.
 fn drain_backoff(failures: u32) -> Duration {
-    crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30), 2.0)
+    // Short: while the breaker is open a drain makes no call at all, so trying often costs
+    // nothing, and a portal that is back gets its events within seconds.
+    crate::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(5), 2.0)
         .map_or(Duration::from_secs(1), |b| {
             b.delay(failures.saturating_sub(1))
         })

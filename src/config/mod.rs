@@ -115,6 +115,9 @@ pub const LIVE_KEYS: &[&str] = &[
     "policy.stale_for",
     "local_policy.path",
     "portal.call_timeout",
+    "portal.session_update_interval",
+    "portal.validate_interval",
+    "portal.outbox_capacity",
     "config_writer.backups",
 ];
 
