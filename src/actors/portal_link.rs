@@ -804,6 +804,9 @@ impl PortalState {
             d.running = false;
             match result {
                 Ok(()) => {
+                    if d.failures > 0 {
+                        tracing::info!(failed = d.failures, "outbox drained again");
+                    }
                     d.failures = 0;
                     d.not_before = None;
                 }
@@ -811,7 +814,11 @@ impl PortalState {
                     d.failures = d.failures.saturating_add(1);
                     let delay = drain_backoff(d.failures);
                     d.not_before = Some(Instant::now() + delay);
-                    tracing::debug!(error = %e, retry_in = ?delay, "outbox drain stopped");
+                    // Once per outage at warn; every further attempt at debug.
+                    match d.failures {
+                        1 => tracing::warn!(error = %e, "outbox drain failing; retrying"),
+                        _ => tracing::debug!(error = %e, retry_in = ?delay, "outbox drain failing"),
+                    }
                 }
             }
         });
