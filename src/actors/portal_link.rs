@@ -1,9 +1,19 @@
-//! `PortalLink`: the agent's gRPC client to the portal's `vpn.v1.AuthService`, behind a circuit
-//! breaker.
+//! `PortalLink`: the agent's gRPC client to the portal's `vpn.v1.AuthService` and
+//! `vpn.v1.EventService`, over one channel, behind one circuit breaker.
 //!
-//! Input: [`PortalMsg::CheckPolicy`] with a [`PolicyQuery`] (from the policy cache). Output: a
-//! [`PortalAnswer`] (the portal's decision, checked whole) or a typed [`PortalError`], always
-//! answered, never a hang.
+//! Input: [`PortalMsg::CheckPolicy`] with a [`PolicyQuery`] (from the policy cache), and
+//! [`PortalMsg::Validate`] with a live session (from the registry's revalidation). Output: a
+//! [`PortalAnswer`] (the portal's decision, checked whole) or a [`Validation`], or a typed
+//! [`PortalError`], always answered, never a hang.
+//!
+//! The outbox ([`PortalMsg::Drain`], sent by `StateStore` when it added events, and every
+//! [`DRAIN_EVERY`]): one drain at a time (across restarts of the actor) reads the oldest
+//! [`DRAIN_BATCH`] events from the store, sends each session's events in order, up to
+//! [`DRAIN_AT_ONCE`] sessions side by side, each call behind the breaker like any other, removes
+//! what the portal acknowledged (`success: true`; `false` is not an acknowledgement) and goes on
+//! until the outbox is empty; at the first failure (breaker open, portal down, event refused) it
+//! stops and the next drain waits 250 ms to 5 s (doubling). A session update answered with
+//! `should_disconnect` kicks that session by its full identity (`POLICY_VIOLATION`, audited).
 //!
 //! Per call, in the handler and without awaiting anything: no endpoint configured →
 //! [`PortalError::NotConfigured`]; already [`MAX_IN_FLIGHT`] calls in flight →
@@ -684,11 +694,7 @@ async fn send_group(
                 acked.push(seq);
                 if let Taken::Disconnect(why) = taken {
                     let s = &event.session;
-                    let key = crate::ocserv::SessionKey {
-                        id: s.id,
-                        safe_id: s.safe_id.clone(),
-                        connected_at: s.connected_at,
-                    };
+                    let key = s.session_key();
                     let (ctx, user) = (ctx.clone(), s.username.clone());
                     let deadline = Instant::now() + 2 * ctx.config().ocserv.request_timeout;
                     tokio::spawn(async move {
@@ -754,18 +760,15 @@ impl PortalState {
         let ctx = &self.ctx;
         let admitted = match &self.channel {
             None => Err(PortalError::NotConfigured),
-            Some(_) => admit(ctx),
+            Some(c) => admit(ctx).map(|a| (a, c.clone())),
         };
-        let admission = match admitted {
+        let (admission, channel) = match admitted {
             Ok(a) => a,
             Err(e) => {
                 ctx.metrics.observe_portal(method, e.label(), None);
                 let _ = reply.send(Err(e));
                 return;
             }
-        };
-        let Some(channel) = self.channel.clone() else {
-            return;
         };
         let future = call(channel, self.built_from.portal.call_timeout);
         let ctx = ctx.clone();

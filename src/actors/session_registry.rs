@@ -483,12 +483,7 @@ impl RegistryState {
                 }
             },
         };
-        let key = SessionKey {
-            id: record.id,
-            safe_id: record.safe_id.clone(),
-            connected_at: record.connected_at,
-        };
-        let reason = self.reason(&key, known);
+        let reason = self.reason(&record.session_key(), known);
         self.close(myself, record, reason, e.at, e.duration, waiter);
     }
 
@@ -619,11 +614,7 @@ async fn validate_one(ctx: Arc<Context>, session: SessionRecord) {
     .await;
     match asked {
         Ok(Ok(v)) if v.force_disconnect => {
-            let key = SessionKey {
-                id: session.id,
-                safe_id: session.safe_id.clone(),
-                connected_at: session.connected_at,
-            };
+            let key = session.session_key();
             let deadline = Instant::now() + bound + ctx.config().ocserv.request_timeout;
             let user = &session.username;
             crate::grpc::portal_kick(&ctx, "ValidateSession", key, user, &v.reason, deadline).await;

@@ -103,8 +103,17 @@ impl SessionRecord {
             }
     }
 
-    fn key(&self) -> (u32, u64) {
+    fn table_key(&self) -> (u32, u64) {
         (self.id, self.connected_at)
+    }
+
+    /// The session's full identity, to act on it (re-checked against ocserv by the kick).
+    pub fn session_key(&self) -> crate::ocserv::SessionKey {
+        crate::ocserv::SessionKey {
+            id: self.id,
+            safe_id: self.safe_id.clone(),
+            connected_at: self.connected_at,
+        }
     }
 }
 
@@ -276,7 +285,7 @@ impl Recording<'_> {
         let mut table = self.tx.open_table(SESSIONS).map_err(|e| self.failed(e))?;
         let value = serde_json::to_vec(r).map_err(|e| self.failed(e))?;
         table
-            .insert(r.key(), value.as_slice())
+            .insert(r.table_key(), value.as_slice())
             .map_err(|e| self.failed(e))?;
         Ok(())
     }
@@ -342,7 +351,7 @@ impl Recording<'_> {
     ) -> Result<(), StoreError> {
         {
             let mut live = self.tx.open_table(SESSIONS).map_err(|e| self.failed(e))?;
-            live.remove(r.key()).map_err(|e| self.failed(e))?;
+            live.remove(r.table_key()).map_err(|e| self.failed(e))?;
             let mut ended = self.tx.open_table(ENDED).map_err(|e| self.failed(e))?;
             let t = Tombstone {
                 safe_id: r.safe_id.clone(),
@@ -351,7 +360,7 @@ impl Recording<'_> {
             };
             let value = serde_json::to_vec(&t).map_err(|e| self.failed(e))?;
             ended
-                .insert(r.key(), value.as_slice())
+                .insert(r.table_key(), value.as_slice())
                 .map_err(|e| self.failed(e))?;
         }
         self.out.disconnects.push(reason);
