@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use ocserv_agent::hook_proto::HookResponse;
 use ocserv_agent::ocserv::fake::FakeOcserv;
 use ocserv_agent::policy::Source;
+use ocserv_agent::store::EventKind;
 use support::agent::{self, agent_cmd, free_port, wait_for};
 use support::hook;
 use support::portal::PortalDouble;
@@ -294,11 +295,13 @@ async fn the_store_survives_sigkill_during_writes() {
     let Setup {
         dir,
         fake,
-        portal: _portal,
+        portal,
         endpoint,
         socket,
         metrics,
     } = Setup::new().await;
+    // Events stay in the outbox: the portal takes no event.
+    portal.set_event_answer(false);
     let asked = Arc::new(AtomicU32::new(0));
     const ROUNDS: u32 = 12;
     for round in 0..ROUNDS {
@@ -315,8 +318,14 @@ async fn the_store_survives_sigkill_during_writes() {
                     while !stop.load(Ordering::Relaxed) {
                         let n = asked.fetch_add(1, Ordering::Relaxed);
                         let frame = hook::connect(&format!("s{t}-{n}"), "", n);
+                        // Its end, reported before ocserv was asked about it: a connect and
+                        // a disconnect for the outbox in one transaction.
+                        let end = hook::frame(&format!(
+                            r#"{{"reason":"disconnect","username":"s{t}-{n}","session_id":{n},"stats_duration":"1"}}"#
+                        ));
                         if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
                             let _ = std::panic::catch_unwind(|| hook::exchange(&socket, &frame));
+                            let _ = std::panic::catch_unwind(|| hook::exchange(&socket, &end));
                         }
                     }
                 })
@@ -357,4 +366,28 @@ async fn the_store_survives_sigkill_during_writes() {
             "{name} was written before its round's kill"
         );
     }
+    // Every outbox entry reads back, and each session's connect and disconnect were kept
+    // together, in order (never one without the other).
+    let outbox = store.outbox_peek(usize::MAX).expect("readable");
+    assert!(outbox.unreadable.is_empty(), "{:?}", outbox.unreadable);
+    assert!(
+        outbox.events.len() >= 20,
+        "events were written: {}",
+        outbox.events.len()
+    );
+    let mut per_session: std::collections::HashMap<String, Vec<EventKind>> = Default::default();
+    for (_, e) in &outbox.events {
+        per_session
+            .entry(e.session.username.clone())
+            .or_default()
+            .push(e.kind);
+    }
+    for (user, kinds) in &per_session {
+        assert_eq!(
+            kinds,
+            &[EventKind::Connect, EventKind::Disconnect],
+            "{user}"
+        );
+    }
+    assert!(store.live_sessions().unwrap().is_empty());
 }
