@@ -3,8 +3,10 @@
 //! release `ocserv-agent-hook`), the agent beside it with a local policy file, and real
 //! openconnect clients. It shows connect-time policy (`policy test`; alice admitted with the
 //! routes and DNS of the policy, bob and carol admitted by its default, mallory refused), then
-//! the operator's view (list the sessions through the agent, kick one user, the metrics), and
-//! tears everything down.
+//! the operator's view (list the sessions through the agent, kick one user, the metrics), then
+//! the portal's view: a portal (the test double of `tests/support/portal.rs`, plaintext on
+//! loopback) got exactly one `ReportConnect` per session and bob's `ReportDisconnect` with the
+//! reason `ADMIN_FORCED`, through the agent's durable outbox; and tears everything down.
 //!
 //! It is also a smoke test: a step that does not behave as shown (alice without her routes,
 //! mallory admitted, a decision missing from the metrics) stops the demo with a message saying
@@ -241,7 +243,10 @@ fn demo() -> eyre::Result<()> {
     // Dropped in reverse order on a panic too: clients, then the agent, then the lab.
     let mut agent = AgentProcess(None);
     let mut clients = Vec::new();
-    let result = steps(&lab, &bin, &hook_socket, &mut agent, &mut clients);
+    // The portal double runs on a runtime of its own for the whole demo.
+    let rt = tokio::runtime::Runtime::new().wrap_err("starting a runtime for the portal")?;
+    let portal = rt.block_on(support::portal::PortalDouble::start_plain());
+    let result = steps(&lab, &bin, &hook_socket, &portal, &mut agent, &mut clients);
     step("tearing down");
     drop(clients);
     println!("openconnect clients stopped");
@@ -261,6 +266,7 @@ fn steps(
     lab: &Lab,
     bin: &Path,
     hook_socket: &Path,
+    portal: &support::portal::PortalDouble,
     agent: &mut AgentProcess,
     clients: &mut Vec<Client>,
 ) -> eyre::Result<()> {
@@ -287,7 +293,8 @@ fn steps(
              [hook]\nsocket = {}\n\n\
              [local_policy]\npath = {}\n\n\
              [config_writer]\nper_user_dir = {}\nper_group_dir = {}\n\n\
-             [metrics]\nlisten = \"{metrics}\"\n",
+             [metrics]\nlisten = \"{metrics}\"\n\n\
+             [portal]\nendpoint = \"{}\"\nsession_update_interval = \"0s\"\nvalidate_interval = \"0s\"\n",
             q(&lab.dir.join("state")),
             q(&lab.occtl_socket),
             q(&grpc),
@@ -295,6 +302,7 @@ fn steps(
             q(&policy),
             q(&lab.config_per_user_dir),
             q(&lab.config_per_group_dir),
+            portal.endpoint,
         ),
     )?;
     let log_path = lab.dir.join("agent.log");
@@ -474,6 +482,56 @@ fn steps(
     ensure!(
         allowed == 3.0 && denied == 1.0,
         "the agent should count 3 admissions and 1 refusal of connects; it counts {allowed} and {denied}"
+    );
+
+    step(&format!("what the portal ({}) was told", portal.endpoint));
+    use support::portal::Event;
+    let done = |e: &[Event]| {
+        let connects = e.iter().filter(|e| matches!(e, Event::Connect(_))).count();
+        let ends = e
+            .iter()
+            .filter(|e| matches!(e, Event::Disconnect(_)))
+            .count();
+        (connects, ends) == (3, 1)
+    };
+    let events = wait_for(
+        "3 connects and bob's disconnect",
+        Duration::from_secs(15),
+        || {
+            let e = portal.unique_events();
+            done(&e).then_some(e)
+        },
+    )
+    .wrap_err_with(|| format!("the portal got: {:#?}", portal.events()))?;
+    for e in &events {
+        let detail = match e {
+            Event::Connect(c) => format!(
+                "vpn_ip {} connected_at {}",
+                c.vpn_ip,
+                c.connected_at.unwrap_or_default().seconds
+            ),
+            Event::Disconnect(d) => {
+                let stats = d.stats.unwrap_or_default();
+                format!(
+                    "reason {:?} after {} s, {} bytes in, {} out",
+                    d.reason(),
+                    stats.duration_seconds,
+                    stats.bytes_received,
+                    stats.bytes_sent
+                )
+            }
+            Event::Update(_) => String::new(),
+        };
+        println!("{e}  {detail}");
+    }
+    let bob_end = events.iter().find_map(|e| match e {
+        Event::Disconnect(d) if d.username == "bob" => Some(d.reason()),
+        _ => None,
+    });
+    use ocserv_agent::metrics::DisconnectReason;
+    ensure!(
+        bob_end == Some(DisconnectReason::AdminForced),
+        "bob's disconnect should be reported as ADMIN_FORCED, got {bob_end:?}"
     );
     Ok(())
 }

@@ -3,7 +3,8 @@
 # openconnect clients in network namespaces beside the agent. ocserv's connect-script is the
 # shipped hook and the agent decides from a local policy file: one user admitted with the
 # policy's routes and DNS, one refused. Then lists sessions through the agent, kicks one, shows
-# metrics, tears everything down. Exits non-zero when a step does not behave as shown. Run as
+# metrics, shows what a portal (a test double on loopback) was told about every session, tears
+# everything down. Exits non-zero when a step does not behave as shown. Run as
 # root on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
