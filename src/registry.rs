@@ -875,6 +875,79 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn every_connected_session_is_validated_once_per_round_of_slices() {
+        let mut sessions: Vec<Session> = (1..=1000)
+            .map(|i| session(i, "u", 1_700_000_000 + u64::from(i)))
+            .collect();
+        sessions[0].state = SessionState::AuthFailed;
+        let slices = validation_slices(Duration::from_secs(300));
+        assert_eq!(slices, 300);
+        let mut seen = std::collections::HashMap::new();
+        let mut largest = 0;
+        for round in 7..7 + slices {
+            let slice = validation_slice(&sessions, round, slices);
+            largest = largest.max(slice.len());
+            for s in slice {
+                *seen.entry(s.id).or_insert(0) += 1;
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            999,
+            "every connected session, not the one still authenticating"
+        );
+        assert!(seen.values().all(|n| *n == 1), "once each");
+        assert!(largest <= 15, "no burst: at most {largest} in one slice");
+        assert_eq!(validation_slices(Duration::from_millis(500)), 1);
+        assert_eq!(validation_slices(Duration::from_secs(86_400)), 300);
+    }
+
+    #[test]
+    fn closing_sessions_wait_for_their_script_or_their_grace() {
+        let t0 = Instant::now();
+        let mut c = Closing::default();
+        let a = Arc::new(session(1, "ann", 100));
+        assert!(c.add(a.clone(), None, t0).is_empty());
+        assert!(c
+            .add(
+                a.clone(),
+                Some(crate::metrics::DisconnectReason::IdleTimeout),
+                t0
+            )
+            .is_empty());
+        assert_eq!(
+            c.len(),
+            1,
+            "one entry per session; the later notice gives its reason"
+        );
+        c.add(
+            Arc::new(session(2, "bob", 100)),
+            None,
+            t0 + Duration::from_secs(1),
+        );
+        assert!(
+            c.take(1, "bob").is_none(),
+            "ID and username must both match"
+        );
+        let taken = c.take(1, "ann").expect("the script came");
+        assert_eq!(
+            taken.reason,
+            Some(crate::metrics::DisconnectReason::IdleTimeout)
+        );
+        assert!(
+            c.due(t0 + CLOSE_GRACE).is_empty(),
+            "bob's grace runs a second longer"
+        );
+        assert_eq!(
+            c.next_due(),
+            Some(t0 + Duration::from_secs(1) + CLOSE_GRACE)
+        );
+        let due = c.due(t0 + Duration::from_secs(1) + CLOSE_GRACE);
+        assert_eq!(due.len(), 1);
+        assert!(c.is_empty());
+    }
+
+    #[test]
     fn tombstones_are_bounded() {
         let mut f = Forgotten::default();
         f.add(
