@@ -257,6 +257,13 @@ impl FakeOcserv {
         self.inner.set_sessions(sessions(n, devices));
     }
 
+    /// Replaces the session set with sessions `first..first + n` (the next LIST sees it): moving
+    /// `first` on by k closes the k lowest sessions and opens k new ones.
+    pub fn set_range(&self, first: usize, n: usize, devices: Devices) {
+        let set = (first..first + n).map(|i| fake_session(i, devices));
+        self.inner.set_sessions(set.collect());
+    }
+
     /// Bytes of the current LIST reply frame.
     pub fn list_reply_len(&self) -> usize {
         self.inner.list_reply_len()

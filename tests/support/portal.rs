@@ -568,6 +568,12 @@ impl PortalDouble {
         self.lock().events.clone()
     }
 
+    /// How many `EventService` requests reached the service, duplicates included (without
+    /// copying them, so it can be polled while thousands arrive).
+    pub fn event_count(&self) -> usize {
+        self.lock().events.len()
+    }
+
     /// [`PortalDouble::events`] without the later duplicates (same non-empty
     /// `metadata["event_id"]`): what a portal that drops duplicates keeps.
     pub fn unique_events(&self) -> Vec<Event> {
