@@ -131,6 +131,18 @@ impl Kicks {
         }
     }
 
+    /// Every session the agent is disconnecting or recently disconnected, with the reason.
+    pub fn recent(&self) -> Vec<(SessionKey, DisconnectReason)> {
+        let map = self.by_id.lock().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .map(|e| match e {
+                KickEntry::InProgress(k, reason, _) | KickEntry::Done(k, reason, _) => {
+                    (k.clone(), *reason)
+                }
+            })
+            .collect()
+    }
+
     /// Why the agent is disconnecting (or recently disconnected) a session under ocserv ID
     /// `id`: for a session known only by its ID and the time its script reported (IDs
     /// recycle, so only to name a reason, never to act).

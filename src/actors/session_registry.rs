@@ -42,7 +42,8 @@
 //! Restart: the table is not kept across a crash; `pre_start` rebuilds it with one reconcile
 //! against ocserv (the source of truth) before the first query is answered, and the first
 //! successful reconcile of each incarnation is saved as a [`Change::Resync`]: the store reports
-//! the sessions that ended meanwhile (reason unknown, last known counters) and the ones it never
+//! the sessions that ended meanwhile (the reason of the agent's recent kick of it, else unknown;
+//! last known counters) and the ones it never
 //! heard of, and leaves the others alone (never reported twice).
 
 use std::sync::Arc;
@@ -160,7 +161,8 @@ impl RegistryState {
                     let live = live.map(|s| SessionRecord::of(s)).collect();
                     let at_ms = unix_ms(SystemTime::now());
                     self.resynced = true;
-                    self.queue(myself, Change::Resync { live, at_ms }, None);
+                    let known = self.ctx.kicks.recent();
+                    self.queue(myself, Change::Resync { live, at_ms, known }, None);
                 }
                 let closed_count = closed.len();
                 for s in closed.into_iter().filter(|s| connected(s)) {

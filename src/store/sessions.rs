@@ -135,10 +135,12 @@ pub enum Change {
     Update { session: SessionRecord, at_ms: u64 },
     /// ocserv's whole list after the registry (re)started: sessions it shows that were never
     /// reported are reported connected; reported ones it no longer shows are reported ended at
-    /// `at_ms` (reason unknown, last known counters); the others are left alone.
+    /// `at_ms` with the last known counters, and the reason in `known` when it names the session
+    /// (the agent's recent kicks), else unspecified; the others are left alone.
     Resync {
         live: Vec<SessionRecord>,
         at_ms: u64,
+        known: Vec<(crate::ocserv::SessionKey, DisconnectReason)>,
     },
 }
 
@@ -415,7 +417,7 @@ impl Recording<'_> {
                     )?;
                 }
             }
-            Change::Resync { live, at_ms } => {
+            Change::Resync { live, at_ms, known } => {
                 let mut by_id: HashMap<u32, Vec<&SessionRecord>> = HashMap::new();
                 for r in live {
                     by_id.entry(r.id).or_default().push(r);
@@ -425,7 +427,10 @@ impl Recording<'_> {
                         .get(&stored.id)
                         .is_some_and(|v| v.iter().any(|r| r.same(&stored)));
                     if !shown {
-                        self.end(&stored, *at_ms, DisconnectReason::Unspecified, None)?;
+                        let key = stored.session_key();
+                        let reason = known.iter().find(|(k, _)| k.same(&key)).map(|(_, r)| *r);
+                        let reason = reason.unwrap_or(DisconnectReason::Unspecified);
+                        self.end(&stored, *at_ms, reason, None)?;
                     }
                 }
                 for r in live {
@@ -761,6 +766,7 @@ mod tests {
         let resync = Change::Resync {
             live: vec![b.clone(), c.clone()],
             at_ms: MS + 5_000,
+            known: Vec::new(),
         };
         let r = store
             .record(std::slice::from_ref(&resync), &reporting(100), MS)
@@ -800,6 +806,14 @@ mod tests {
             (0, 0),
             "a second resync is a no-op"
         );
+        // A session the agent kicked just before its registry restarted keeps the kick's reason.
+        let kicked = Change::Resync {
+            live: vec![c.clone()],
+            at_ms: MS + 6_000,
+            known: vec![(b.session_key(), DisconnectReason::AdminForced)],
+        };
+        let r = store.record(&[kicked], &reporting(100), MS).unwrap();
+        assert_eq!(r.disconnects, vec![DisconnectReason::AdminForced]);
     }
 
     #[test]
