@@ -43,8 +43,8 @@
 //! against ocserv (the source of truth) before the first query is answered, and the first
 //! successful reconcile of each incarnation is saved as a [`Change::Resync`]: the store reports
 //! the sessions that ended meanwhile (the reason of the agent's recent kick of it, else unknown;
-//! last known counters) and the ones it never
-//! heard of, and leaves the others alone (never reported twice).
+//! last known counters) and the ones it never heard of, and leaves the others alone (never
+//! reported twice).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
