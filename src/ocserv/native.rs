@@ -284,9 +284,7 @@ async fn with_counters(command: Command, sessions: Vec<Session>) -> CtlResult<Ve
     }
     tokio::task::spawn_blocking(move || {
         let mut sessions = sessions;
-        for s in sessions.iter_mut().filter(|s| !s.device.is_empty()) {
-            s.counters = counters::read(&s.device, s.id, s.connected_at);
-        }
+        counters::read_many(sessions.iter_mut());
         sessions
     })
     .await
