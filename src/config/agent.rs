@@ -4,12 +4,14 @@ use super::*;
 
 section! {
     "agent" => pub struct AgentConfig {
-        /// Names this agent towards the portal (reserved until the portal link lands). 1 to 64
+        /// Names this agent towards the portal: `metadata["agent_id"]` of every event, and part
+        /// of every event's id (so change it only with an empty outbox). 1 to 64
         /// characters from `A-Z a-z 0-9 . _ -`; by default the hostname when it is a valid id,
         /// else `ocserv-agent`.
         id: String = default_agent_id(),
-        /// Directory of the durable state store (`state.redb`: the portal's cached decisions
-        /// today), created with mode 0700 when missing. A store that cannot be opened stops the
+        /// Directory of the durable state store (`state.redb`: the session snapshot, the portal
+        /// outbox, the audit log and the portal's cached decisions), created with mode 0700 when
+        /// missing. A store that cannot be opened stops the
         /// start with exit code 74. An absolute path.
         state_dir: PathBuf = "/var/lib/ocserv-agent".into(),
     }
