@@ -385,16 +385,20 @@ async fn run() {
     let idle_per_s = idle.agent().div_f64(idle.wall.as_secs_f64());
 
     // 2. Reconciles.
-    let mut unchanged = Vec::new();
-    for i in 0..WARMUP + RECONCILES {
-        let m0 = meter.mark();
-        let r = reconcile().await;
-        let u = meter.mark().since(&m0);
-        assert_eq!((r.sessions, r.opened, r.closed), (SESSIONS, 0, 0));
-        if i >= WARMUP {
-            unchanged.push(u);
+    let unchanged_reconciles = || async {
+        let mut runs = Vec::new();
+        for i in 0..WARMUP + RECONCILES {
+            let m0 = meter.mark();
+            let r = reconcile().await;
+            let u = meter.mark().since(&m0);
+            assert_eq!((r.sessions, r.opened, r.closed), (SESSIONS, 0, 0));
+            if i >= WARMUP {
+                runs.push(u);
+            }
         }
-    }
+        runs
+    };
+    let unchanged = unchanged_reconciles().await;
     assert_eq!(
         double.get().event_count(),
         0,
@@ -431,16 +435,7 @@ async fn run() {
         take_events(d, 2 * CHANGED, |_| true, "1 % change");
     }
     fake.set_range(first, SESSIONS, Devices::Loopback);
-    let mut counters = Vec::new();
-    for i in 0..WARMUP + RECONCILES {
-        let m0 = meter.mark();
-        let r = reconcile().await;
-        let u = meter.mark().since(&m0);
-        assert_eq!((r.sessions, r.opened, r.closed), (SESSIONS, 0, 0));
-        if i >= WARMUP {
-            counters.push(u);
-        }
-    }
+    let counters = unchanged_reconciles().await;
     for (label, runs) in [
         ("reconcile, unchanged list (tun absent)", unchanged),
         ("reconcile, 1 % changed (100 closed, 100 new)", changed),

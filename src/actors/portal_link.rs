@@ -800,11 +800,26 @@ impl PortalState {
             }
             d.running = true;
         }
+        /// Frees the drain slot however the task ends (a panic included), so the outbox is
+        /// never left without a drain.
+        struct Running(Arc<Context>);
+        impl Drop for Running {
+            fn drop(&mut self) {
+                let mut d = self
+                    .0
+                    .portal
+                    .drain
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                d.running = false;
+            }
+        }
         let ctx = self.ctx.clone();
         tokio::spawn(async move {
+            // Dropped last (after `d` below releases the lock), once the backoff is recorded.
+            let _running = Running(ctx.clone());
             let result = drain_outbox(&ctx, &channel).await;
             let mut d = ctx.portal.drain.lock().unwrap_or_else(|p| p.into_inner());
-            d.running = false;
             match result {
                 Ok(()) => {
                     if d.failures > 0 {

@@ -196,7 +196,17 @@ impl RegistryState {
         change: Change,
         waiter: Option<HookWaiter>,
     ) {
-        self.unsaved.push(change);
+        self.queue_all(myself, [change], waiter);
+    }
+
+    /// [`Self::queue`] for many changes at once (one bound check, one save).
+    fn queue_all(
+        &mut self,
+        myself: &ActorRef<RegistryMsg>,
+        changes: impl IntoIterator<Item = Change>,
+        waiter: Option<HookWaiter>,
+    ) {
+        self.unsaved.extend(changes);
         self.unsaved_waiters.extend(waiter);
         if self.unsaved.len() > MAX_UNSAVED {
             let before = self.unsaved.len();
@@ -544,9 +554,7 @@ impl RegistryState {
                 at_ms,
             })
             .collect();
-        for u in updates {
-            self.queue(myself, u, None);
-        }
+        self.queue_all(myself, updates, None);
     }
 
     fn arm_validation(&mut self, myself: &ActorRef<RegistryMsg>) {

@@ -412,7 +412,7 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
 
     #[test]
     fn many_sessions_read_each_namespace_once_and_check_every_worker() {
-        use crate::ocserv::{Session, SessionState};
+        use crate::ocserv::Session;
         let (dir, _sys, proc_root) = fake_tree();
         let own = dir.path().join("own_net_dev");
         let ours: String = SAMPLE
@@ -433,26 +433,8 @@ veth-srv:12345678901234 5 0 0 0 0 0 0 42 1 0 0 0 0 0 0
         }
         let at = BTIME + 130;
         let session = |id: u32, device: &str| Session {
-            id,
-            safe_id: None,
-            username: "u".into(),
-            groupname: String::new(),
-            state: SessionState::Connected,
-            client_ip: None,
-            vpn_ipv4: None,
-            vpn_ipv6: None,
-            server_ptp_ipv4: None,
             device: device.into(),
-            connected_at: at,
-            hostname: String::new(),
-            user_agent: String::new(),
-            vhost: String::new(),
-            tls_ciphersuite: String::new(),
-            dtls_ciphersuite: String::new(),
-            mtu: None,
-            dns: vec![],
-            routes: vec![],
-            counters: None,
+            ..crate::registry::tests::session(id, "u", at)
         };
         let mut sessions = [
             session(1, "vpns0"),     // in our namespace
